@@ -1,0 +1,152 @@
+"""Aggregator: owns the global model, its version and the update buffer.
+
+:class:`AggregatorCore` is plain Python (unit-testable, checkpointable);
+:class:`AggregatorActor` is the thin Ray shell that publishes each model
+version with exactly one ``ray.put`` and hands out the reference.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Mapping
+
+import numpy as np
+import ray
+import torch
+
+from fedray.aggregation import rules, validate
+from fedray.client.trainer import evaluate, load_params, resolve_device
+from fedray.submodel.encode import decode
+from fedray.update import Update
+
+
+class Evaluator:
+    """Global test-set accuracy and loss of a parameter dict."""
+
+    def __init__(self, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: str = "auto"):
+        self.model, self.x, self.y = model, x, y
+        self.device = resolve_device(device)
+
+    def __call__(self, params: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        load_params(self.model, params)
+        return evaluate(self.model, self.x, self.y, device=self.device)
+
+
+class AggregatorCore:
+    """Validation, de-duplication, buffering and the method's rule."""
+
+    def __init__(self, params: dict[str, np.ndarray], method, evaluator: Evaluator | None = None):
+        self.params = {k: np.array(v) for k, v in params.items()}
+        self.method = method
+        self.evaluator = evaluator
+        self.version = 0
+        self.seen: set[int] = set()
+        self.pending: list[tuple[Update, rules.Contribution]] = []
+        self.rejected = collections.Counter()
+        self.applied = 0
+
+    # ------------------------------------------------------------ intake
+    def admit(self, header: Update, payload, expected=None) -> str | None:
+        """Validate one update and buffer it; returns the rejection reason or None."""
+        if header.dispatch_id in self.seen:
+            self.rejected["duplicate"] += 1
+            return "duplicate"
+        self.seen.add(header.dispatch_id)
+        reason = validate.check(header, payload, self.params, expected)
+        if reason is not None:
+            self.rejected[reason] += 1
+            return reason
+        values, mask = decode(payload, {k: self.params[k].shape for k in payload.keys()})
+        self.pending.append((header, rules.Contribution(values, mask, float(header.num_examples))))
+        return None
+
+    # ------------------------------------------------------------ aggregation
+    def aggregate(self) -> bool:
+        """Apply the method's rule to the buffer; bump the version. False if empty."""
+        if not self.pending:
+            return False
+        contribs = [c for _, c in self.pending]
+        new = self.method.aggregate(self.params, contribs, self.version)
+        bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+        if bad:  # never publish a non-finite model: drop this aggregation
+            self.rejected["nonfinite_result"] += len(self.pending)
+            self.pending.clear()
+            return False
+        self.params = new
+        self.applied += len(self.pending)
+        self.pending.clear()
+        self.version += 1
+        return True
+
+    def receive(self, items, *, force: bool = True, evaluate: bool = True) -> dict:
+        """Admit ``items`` = [(header, payload, expected_keys)], aggregate if ``force``."""
+        results = [(h.dispatch_id, self.admit(h, p, e)) for h, p, e in items]
+        aggregated = self.aggregate() if force else False
+        out = {"version": self.version, "aggregated": aggregated, "results": results,
+               "buffer": len(self.pending), "rejected": dict(self.rejected)}
+        if aggregated and evaluate and self.evaluator is not None:
+            out["accuracy"], out["loss"] = self.evaluator(self.params)
+        return out
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {"params": self.params, "version": self.version, "seen": sorted(self.seen),
+                "pending": self.pending, "rejected": dict(self.rejected), "applied": self.applied,
+                "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.params = {k: np.array(v) for k, v in state["params"].items()}
+        self.version = int(state["version"])
+        self.seen = set(state["seen"])
+        self.pending = list(state["pending"])
+        self.rejected = collections.Counter(state["rejected"])
+        self.applied = int(state["applied"])
+        self.method.load_state_dict(state["method"])
+
+
+@ray.remote
+class AggregatorActor:
+    """Ray shell over :class:`AggregatorCore`; one ``ray.put`` per model version."""
+
+    def __init__(self, cfg, params, test_data: dict, input_shape, num_classes, spec=None):
+        from fedray import seeding
+        from fedray.methods import registry
+        from fedray.models.zoo import build_model
+
+        torch.set_num_threads(cfg.cluster.torch_threads)
+        torch.manual_seed(seeding.derive(cfg.seed, "init"))
+        model = build_model(cfg.model.name, tuple(input_shape), num_classes, options=cfg.model.options)
+        method = registry.get(cfg.method.name)(cfg, spec)
+        self.core = AggregatorCore(params, method, Evaluator(model, test_data["x"], test_data["y"], cfg.runtime.device))
+        self.puts = 0
+        self._ref = None
+        self._ref_version = -1
+
+    def model_ref(self) -> list:
+        """``[ref]`` to the current version (wrapped so Ray does not resolve it)."""
+        if self._ref_version != self.core.version:
+            self._ref = ray.put(self.core.params)
+            self._ref_version = self.core.version
+            self.puts += 1
+        return [self._ref]
+
+    def receive(self, items: list, force: bool = True, evaluate: bool = True) -> dict:
+        """``items`` = [(header, [payload_ref], expected_keys)]; payloads are fetched here."""
+        refs = [p[0] if isinstance(p, list) else p for _, p, _ in items]
+        payloads = ray.get(refs) if refs else []
+        out = self.core.receive([(h, p, e) for (h, _, e), p in zip(items, payloads)], force=force, evaluate=evaluate)
+        out["model_ref"] = self.model_ref() if out["aggregated"] else None
+        return out
+
+    def params(self) -> dict:
+        return self.core.params
+
+    def stats(self) -> dict:
+        return {"version": self.core.version, "puts": self.puts, "applied": self.core.applied,
+                "rejected": dict(self.core.rejected)}
+
+    def state_dict(self) -> dict:
+        return self.core.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.core.load_state_dict(state)
+        self._ref_version = -1

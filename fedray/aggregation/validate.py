@@ -1,0 +1,85 @@
+"""Update validation: nothing touches the buffer before it passes here.
+
+``check(header, payload, model, expected)`` returns ``None`` for a valid
+update or a short reason code (counted per reason by the aggregator):
+
+=================  ===============================================
+``client_error``   the client reported an application error
+``zero_examples``  example count <= 0
+``missing_key``    a tensor the assignment trains is absent
+``unknown_key``    a tensor that the model does not have / the assignment did not send
+``shape``          a tensor or index block has the wrong shape
+``dtype``          a tensor has a dtype other than the model's
+``mask_mismatch``  indices out of range, duplicated, or not matching the values
+``nonfinite``      NaN or Inf among the values
+=================  ===============================================
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from fedray.submodel.encode import Entry, Payload
+from fedray.update import Update
+
+REASONS = ("duplicate", "stale", "client_error", "zero_examples", "missing_key", "unknown_key",
+           "shape", "dtype", "mask_mismatch", "nonfinite")
+
+
+def _check_entry(e: Entry, ref: np.ndarray) -> str | None:
+    if not isinstance(e, Entry) or not isinstance(e.values, np.ndarray):
+        return "mask_mismatch"
+    if e.values.dtype != ref.dtype:
+        return "dtype"
+    if e.kind == "dense":
+        if e.values.shape != ref.shape:
+            return "shape"
+    elif e.kind == "slices":
+        if len(e.index) != ref.ndim:
+            return "shape"
+        for ax, ix in enumerate(e.index):
+            if ix.ndim != 1 or not np.issubdtype(ix.dtype, np.integer):
+                return "mask_mismatch"
+            if len(ix) and (ix.min() < 0 or ix.max() >= ref.shape[ax] or np.any(np.diff(ix) <= 0)):
+                return "mask_mismatch"
+        if e.values.shape != tuple(len(ix) for ix in e.index):
+            return "mask_mismatch"
+    elif e.kind == "sparse":
+        if len(e.index) != 1:
+            return "mask_mismatch"
+        ix = e.index[0]
+        if ix.ndim != 1 or e.values.shape != ix.shape or not np.issubdtype(ix.dtype, np.integer):
+            return "mask_mismatch"
+        if len(ix) and (ix.min() < 0 or ix.max() >= ref.size or np.any(np.diff(ix) <= 0)):
+            return "mask_mismatch"
+    else:
+        return "mask_mismatch"
+    if np.issubdtype(e.values.dtype, np.floating) and not np.isfinite(e.values).all():
+        return "nonfinite"
+    return None
+
+
+def check(header: Update, payload: Payload | None, model: Mapping[str, np.ndarray],
+          expected: Iterable[str] | None = None) -> str | None:
+    """Reason code if the update must be rejected, else None."""
+    if header.error is not None:
+        return "client_error"
+    if not header.num_examples or header.num_examples <= 0:
+        return "zero_examples"
+    if payload is None or not isinstance(payload, Payload):
+        return "missing_key"
+    keys = set(payload.entries)
+    if expected is not None:
+        exp = set(expected)
+        if exp - keys:
+            return "missing_key"
+        if keys - exp:
+            return "unknown_key"
+    if keys - set(model):
+        return "unknown_key"
+    for k, e in payload.entries.items():
+        reason = _check_entry(e, model[k])
+        if reason:
+            return reason
+    return None

@@ -1,0 +1,157 @@
+"""Pure local training: weights in, weights out, no Ray.
+
+``local_train`` loads the given parameters into a model, trains the allowed
+coordinates with the configured optimizer on the client's examples, and
+returns the new state as numpy arrays plus statistics. Everything random comes
+from ``seed`` (batch order and any torch randomness), so the result depends
+only on the inputs, never on which actor or worker ran it.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedray.config import TrainConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
+    """Copy numpy arrays into the model's tensors in place (read-only inputs are fine)."""
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the object store
+        for k, v in params.items():
+            state[k].data.copy_(torch.from_numpy(np.asarray(v)))
+
+
+def get_params(model: nn.Module, keys=None) -> dict[str, np.ndarray]:
+    """Detached numpy copies of the state dict (optionally only ``keys``)."""
+    state = model.state_dict()
+    keys = state.keys() if keys is None else keys
+    return {k: state[k].detach().cpu().numpy().copy() for k in keys}
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    steps: int
+    examples: int
+    sq_grads: dict[str, np.ndarray] | None = None
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def batches(indices: np.ndarray, batch_size: int, epochs: int | None, steps: int | None, rng: np.random.Generator):
+    """Yield index batches: ``steps`` batches if given, else ``epochs`` passes (last batch may be short)."""
+    n = len(indices)
+    done = 0
+    epoch = 0
+    while True:
+        if steps is None and epoch >= epochs:
+            return
+        order = indices[rng.permutation(n)]
+        for start in range(0, n, batch_size):
+            if steps is not None and done >= steps:
+                return
+            yield order[start : start + batch_size]
+            done += 1
+        epoch += 1
+
+
+def local_train(
+    model: nn.Module,
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    indices: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    trainable: set[str] | None = None,
+    mask: Mapping[str, np.ndarray] | None = None,
+    device: torch.device = torch.device("cpu"),
+    collect_sq_grads: bool = False,
+) -> TrainStats:
+    """Train ``model`` (loaded with ``params``) in place on ``x[indices]``.
+
+    ``trainable``: parameter names that may change (None: all). Frozen
+    parameters get ``requires_grad=False`` so no backward work is done for them.
+    ``mask``: boolean arrays; coordinates outside a tensor's mask are restored
+    to their starting values after every optimizer step (masked training).
+    ``collect_sq_grads``: accumulate squared gradients per parameter (PR-FL
+    importance) and return them in the stats.
+    """
+    load_params(model, params)
+    model.to(device)
+    model.train()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    named = dict(model.named_parameters())
+    train_names = [k for k in named if trainable is None or k in trainable]
+    for k, p in named.items():
+        p.requires_grad_(k in train_names)
+    train_params = [named[k] for k in train_names]
+    keep = {}
+    if mask is not None:
+        for k in train_names:
+            if k in mask and not np.all(mask[k]):
+                m = torch.from_numpy(np.asarray(mask[k])).to(device)
+                keep[k] = (m, named[k].detach().clone() * (~m))
+    opt = make_optimizer(train_params, cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    sq = {k: torch.zeros_like(named[k]) for k in train_names} if collect_sq_grads else None
+    total, steps, seen = 0.0, 0, 0
+    for idx in batches(np.asarray(indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps, rng):
+        xb = torch.from_numpy(x[idx]).to(device, non_blocking=True)
+        yb = torch.from_numpy(y[idx]).to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        if sq is not None:
+            for k in train_names:
+                g = named[k].grad
+                if g is not None:
+                    sq[k] += g.detach() ** 2
+        opt.step()
+        if keep:
+            with torch.no_grad():
+                for k, (m, frozen) in keep.items():
+                    named[k].mul_(m).add_(frozen)
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        steps += 1
+    for p in named.values():
+        p.requires_grad_(True)
+    sq_np = {k: v.cpu().numpy() for k, v in sq.items()} if sq is not None else None
+    return TrainStats(loss=total / max(seen, 1), steps=steps, examples=len(indices), sq_grads=sq_np)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024, device=torch.device("cpu")) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``(x, y)``."""
+    model.to(device)
+    model.eval()
+    correct, loss, n = 0, 0.0, len(y)
+    for s in range(0, n, batch_size):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            xb = torch.from_numpy(x[s : s + batch_size]).to(device)
+            yb = torch.from_numpy(y[s : s + batch_size]).to(device)
+        out = model(xb)
+        loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    return correct / max(n, 1), loss / max(n, 1)

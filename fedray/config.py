@@ -1,0 +1,372 @@
+"""Configuration: YAML -> frozen dataclasses, validated, with dotted-path errors.
+
+Configuration flows one way: ``load(path, overrides)`` reads YAML, applies
+``--set a.b=value`` overrides, and builds an :class:`ExperimentConfig`. Every
+mistake raises :class:`fedray.errors.ConfigError` naming the field path, e.g.
+``config error: data.partition.alpha: must be > 0, got -1``. No other module
+reads YAML or environment variables on its own.
+
+Method-specific parameters live under ``method:`` next to ``name`` and are
+validated against the method's own ``Params`` dataclass (see
+:mod:`fedray.methods`), so ``method.rho`` is a field path like any other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fedray.errors import ConfigError
+
+# ---------------------------------------------------------------- field helpers
+
+
+def _f(default=dataclasses.MISSING, *, check=None, choices=None, factory=None, doc: str = ""):
+    """A dataclass field with validation metadata.
+
+    ``check`` is ``(predicate, description)``, e.g. ``(lambda v: v > 0, "> 0")``.
+    """
+    meta = {"check": check, "choices": choices, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POS = (lambda v: v > 0, "> 0")
+NONNEG = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 < v < 1, "in (0, 1)")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+UNIT_POS = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    kind: str = _f("iid", choices=("iid", "dirichlet", "shards", "natural"))
+    alpha: float = _f(0.5, check=POS, doc="Dirichlet concentration")
+    classes_per_client: int = _f(2, check=POS, doc="shards: classes per client")
+    min_size: int = _f(1, check=NONNEG, doc="dirichlet: minimum examples per client")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    root: str | None = _f(None, doc="local folder for cifar/fashion_mnist/emnist/femnist")
+    download: bool = _f(False, doc="let torchvision download into root")
+    test_fraction: float = _f(0.2, check=FRACTION)
+    num_clients: int = _f(100, check=POS)
+    partition: PartitionConfig = _f(factory=PartitionConfig)
+    cache_dir: str = ".fedray_cache"
+    options: dict = _f(factory=dict, doc="loader options (synthetic alpha/beta, emnist split...)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"
+    options: dict = _f(factory=dict, doc="builder options (hidden sizes, channels, batch_norm...)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = _f(1, check=NONNEG)
+    local_steps: int | None = _f(None, check=POS, doc="if set, overrides local_epochs")
+    batch_size: int = _f(16, check=POS)
+    optimizer: str = _f("sgd", choices=("sgd", "adam"))
+    lr: float = _f(0.05, check=POS)
+    momentum: float = _f(0.0, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    weight_decay: float = _f(0.0, check=NONNEG)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    rounds: int = _f(100, check=POS, doc="aggregations (rounds for sync methods)")
+    clients_per_round: int = _f(10, check=POS)
+    eval_every: int = _f(1, check=POS)
+    target_accuracy: float | None = _f(None, check=UNIT_POS)
+    max_virtual_s: float | None = _f(None, check=POS, doc="stop after this virtual time")
+
+
+@dataclass(frozen=True)
+class ClientActorConfig:
+    num_cpus: float = _f(1.0, check=NONNEG)
+    num_gpus: float = _f(0.0, check=NONNEG)
+    memory_mb: float | None = _f(None, check=POS)
+    resources: dict = _f(factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str | None = _f(None, doc="Ray address; None starts Ray embedded")
+    num_client_actors: int = _f(2, check=POS)
+    client_actor: ClientActorConfig = _f(factory=ClientActorConfig)
+    aggregator_cpus: float = _f(0.0, check=NONNEG)
+    torch_threads: int = _f(1, check=POS)
+    num_cpus: int | None = _f(None, check=POS, doc="CPUs of an embedded Ray (default: all)")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    out_dir: str = "runs"
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "fedavg"
+    params: Any = None  # the method's own frozen Params dataclass, filled by load()
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    experiment: str = "default"
+    seed: int = _f(0, check=NONNEG)
+    method: MethodConfig = _f(factory=MethodConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    model: ModelConfig = _f(factory=ModelConfig)
+    train: TrainConfig = _f(factory=TrainConfig)
+    server: ServerConfig = _f(factory=ServerConfig)
+    cluster: ClusterConfig = _f(factory=ClusterConfig)
+    runtime: RuntimeConfig = _f(factory=RuntimeConfig)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.method.name}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runtime.out_dir) / self.experiment / self.run_name
+
+
+# ---------------------------------------------------------------- building
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, path: str):
+    """Check ``value`` against the annotation ``tp``; return the converted value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(path, "must not be null")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    raise ConfigError(path, f"unsupported type {_type_name(tp)}")
+
+
+def build(cls, data: Mapping | None, path: str = ""):
+    """Build frozen dataclass ``cls`` from a mapping, validating every field."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(path or "<root>", f"must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, f"unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name not in data:
+            continue
+        value = _coerce(data[name], hints[name], where)
+        meta = f.metadata
+        if value is not None and meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(where, f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        check = meta.get("check")
+        if value is not None and check is not None:
+            values = value if isinstance(value, tuple) else (value,)
+            for v in values:
+                if not check[0](v):
+                    raise ConfigError(where, f"must be {check[1]}, got {v!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> Any:
+    """Plain YAML-able structure of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(obj, MethodConfig) and f.name == "params":
+                out.update(to_dict(v) if v is not None else {})
+            else:
+                out[f.name] = to_dict(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(text, "override must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(text, "override must look like key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_path(data: dict, dotted: str, value) -> None:
+    node = data
+    parts = dotted.split(".")
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is not a mapping, cannot set {dotted}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("config", f"'{p}' is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"'{p}' must hold a mapping at the top level")
+    return data
+
+
+def from_dict(data: Mapping, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Validate a raw mapping (plus ``key=value`` overrides) into an ExperimentConfig."""
+    import copy
+
+    data = copy.deepcopy(dict(data))
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(data, key, value)
+    method_raw = data.get("method", {}) or {}
+    if isinstance(method_raw, str):
+        method_raw = {"name": method_raw}
+    if not isinstance(method_raw, Mapping):
+        raise ConfigError("method", f"must be a mapping or a method name, got {method_raw!r}")
+    data["method"] = {"name": method_raw.get("name", "fedavg")}
+    cfg = build(ExperimentConfig, data)
+    cfg = dataclasses.replace(cfg, method=_build_method(method_raw))
+    _check_cross(cfg)
+    return cfg
+
+
+def _build_method(raw: Mapping) -> MethodConfig:
+    from fedray.methods import registry
+
+    name = raw.get("name", "fedavg")
+    if not isinstance(name, str):
+        raise ConfigError("method.name", f"must be a string, got {name!r}")
+    spec = registry.get(name)
+    params = {k: v for k, v in raw.items() if k != "name"}
+    return MethodConfig(name=name, params=build(spec.Params, params, "method"))
+
+
+def _check_cross(cfg: ExperimentConfig) -> None:
+    """Checks that involve several fields or the registries."""
+    from fedray.data.datasets import DATASETS, needs_root
+    from fedray.models.zoo import MODELS
+
+    if cfg.data.name not in DATASETS:
+        raise ConfigError("data.name", f"unknown data set {cfg.data.name!r}; choose from: {', '.join(sorted(DATASETS))}")
+    if cfg.model.name not in MODELS:
+        raise ConfigError("model.name", f"unknown model {cfg.model.name!r}; choose from: {', '.join(sorted(MODELS))}")
+    if needs_root(cfg.data.name):
+        if cfg.data.root is None:
+            raise ConfigError("data.root", f"data set {cfg.data.name!r} reads a local folder; set data.root")
+        if not cfg.data.download and not Path(cfg.data.root).is_dir():
+            raise ConfigError("data.root", f"folder '{cfg.data.root}' does not exist")
+    if cfg.server.clients_per_round > cfg.data.num_clients:
+        raise ConfigError(
+            "server.clients_per_round",
+            f"must be <= data.num_clients ({cfg.data.num_clients}), got {cfg.server.clients_per_round}",
+        )
+    if cfg.data.partition.kind == "natural" and cfg.data.name not in ("femnist", "synthetic"):
+        raise ConfigError("data.partition.kind", f"'natural' needs a data set with writers (femnist, synthetic), not {cfg.data.name!r}")
+    if cfg.train.local_epochs == 0 and cfg.train.local_steps is None:
+        raise ConfigError("train.local_epochs", "must be > 0 unless train.local_steps is set")
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML config file (or defaults when ``path`` is None) and validate it."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(data, overrides)
+
+
+def dump(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,381 @@
+"""Model zoo: ``mlp``, ``cnn``, ``vgg11`` and ``resnet18`` (CIFAR variants).
+
+``build_model(name, input_shape, num_classes, options=...)`` returns a freshly
+initialised ``nn.Module``. Initialisation uses PyTorch's default initialisers
+only, so it is fully determined by ``torch.manual_seed``; nothing is downloaded.
+
+Every model names its weight-carrying modules stably (``layers.0``,
+``convs.1``, ``features.4``, ``layer3.1.conv1`` ...) because state-dict keys are
+the currency of masks, updates and checkpoints. Every model also answers
+``channel_links()``: the list of ``(producer_layer, consumer_layers)`` pairs
+whose channels may be pruned (hidden channels only; the stem and the residual
+stream of ResNet, and the class outputs, are never prunable).
+:mod:`fedray.models.spec` turns these links into structural groups.
+
+Options shared by every model:
+
+``widths``
+    ``{layer_name: n}`` explicit output size of prunable layers (a layer named
+    by ``channel_links``). The next layer's input size follows automatically.
+    This is how physically smaller submodels are built
+    (:func:`fedray.models.spec.build_compact`).
+``width_ratio``
+    HeteroFL slice: every prunable layer keeps ``ceil(ratio x C)`` outputs
+    (same rule as :func:`fedray.models.spec.width_keep`). Cannot be combined
+    with ``widths``.
+
+Per-model options:
+
+``mlp``       ``hidden`` (list of ints, default ``[128]``). Flatten, then
+              ``Linear`` + ReLU per hidden size, then the output ``Linear``.
+              Modules ``layers.0 .. layers.{len(hidden)}``.
+``cnn``       ``channels`` (default ``[32, 64]``): per entry a block
+              conv3x3(pad 1) + ReLU + maxpool(2) (modules ``convs.i``);
+              ``hidden`` (int or list, default ``128``): Linear + ReLU layers
+              (``fcs.i``), then the output Linear (``fcs.{len(hidden)}``).
+              Works for any input whose side survives the pools
+              (8x8 digits, 28x28, 32x32x3 ...).
+``vgg11``     ``batch_norm`` (default True), ``width`` (float multiplier of
+              all conv channels, default 1.0). Features follow the CIFAR
+              configuration [64,M,128,M,256,256,M,512,512,M,512,512,M] (each
+              conv 3x3 pad 1, then BN if enabled, then ReLU; conv modules at
+              ``features.i``). Head: our choice is the single
+              ``classifier = Linear(512 x H' x W', num_classes)`` of the common
+              CIFAR VGG (H' = W' = 1 for 32x32 inputs), about 9.23M parameters
+              at width 1 with batch norm.
+``resnet18``  ``width`` (float multiplier of 64/128/256/512, default 1.0). CIFAR
+              variant: 3x3 stride-1 stem conv + BN + ReLU, no max-pool, four
+              stages of two BasicBlocks (strides 1,2,2,2), global average
+              pool, ``linear``. Convolutions have no bias; each is followed by
+              BatchNorm. A block's shortcut (1x1 conv + BN, when shape changes)
+              is computed *before* its main path, so module order equals
+              execution order. Prunable: each block's ``conv1`` outputs only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fedray.errors import ConfigError
+
+Links = list[tuple[str, tuple[str, ...]]]
+
+_COMMON_OPTIONS = ("widths", "width_ratio")
+
+
+# --------------------------------------------------------------------------- option helpers
+
+def _int_list(value: Any, field: str, *, allow_empty: bool) -> list[int]:
+    if isinstance(value, bool):
+        raise ConfigError(field, f"expected a positive integer or a list of them, got {value!r}")
+    if isinstance(value, int):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(field, f"expected a positive integer or a list of them, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(field, f"expected positive integers, got {v!r}")
+        out.append(int(v))
+    if not out and not allow_empty:
+        raise ConfigError(field, "must not be empty")
+    return out
+
+
+def _positive_float(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ConfigError(field, f"expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _scaled(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+def _check_options(name: str, options: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    for key in options:
+        if key not in allowed and key not in _COMMON_OPTIONS:
+            choices = ", ".join(sorted(set(allowed) | set(_COMMON_OPTIONS)))
+            raise ConfigError(f"model.options.{key}", f"unknown option for model '{name}'; choose from: {choices}")
+
+
+def _widths(options: Mapping[str, Any], defaults: Mapping[str, int]) -> dict[str, int]:
+    """Resolve the ``widths`` option against the model's prunable layers and their defaults."""
+    raw = options.get("widths") or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("model.options.widths", f"expected a mapping layer -> size, got {type(raw).__name__}")
+    out = dict(defaults)
+    for layer, n in raw.items():
+        if layer not in defaults:
+            raise ConfigError("model.options.widths",
+                              f"unknown prunable layer '{layer}'; choose from: {', '.join(defaults)}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError("model.options.widths", f"size of '{layer}' must be a positive integer, got {n!r}")
+        out[layer] = int(n)
+    return out
+
+
+def _image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
+    if len(input_shape) == 2:
+        input_shape = (1, *input_shape)
+    if len(input_shape) != 3 or any(int(s) < 1 for s in input_shape):
+        raise ConfigError("model.name", f"model '{name}' needs image inputs (C, H, W); got shape {tuple(input_shape)}")
+    return tuple(int(s) for s in input_shape)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- MLP
+
+class MLP(nn.Module):
+    """Flatten -> [Linear -> ReLU] x len(hidden) -> Linear."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int):
+        super().__init__()
+        sizes = [in_features, *hidden, num_classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+    def channel_links(self) -> Links:
+        n = len(self.layers)
+        return [(f"layers.{i}", (f"layers.{i + 1}",)) for i in range(n - 1)]
+
+
+def _build_mlp(input_shape, num_classes, options) -> nn.Module:
+    _check_options("mlp", options, ("hidden",))
+    hidden = _int_list(options.get("hidden", [128]), "model.options.hidden", allow_empty=True)
+    widths = _widths(options, {f"layers.{i}": h for i, h in enumerate(hidden)})
+    in_features = math.prod(int(s) for s in input_shape)
+    if in_features < 1:
+        raise ConfigError("model.name", f"model 'mlp' needs a non-empty input shape; got {tuple(input_shape)}")
+    return MLP(in_features, [widths[f"layers.{i}"] for i in range(len(hidden))], num_classes)
+
+
+# --------------------------------------------------------------------------- CNN
+
+class CNN(nn.Module):
+    """[conv3x3 -> ReLU -> maxpool2] per channel entry, flatten, [Linear -> ReLU] per hidden, Linear."""
+
+    def __init__(self, in_shape: tuple[int, int, int], channels: Sequence[int], hidden: Sequence[int],
+                 num_classes: int):
+        super().__init__()
+        c, h, w = in_shape
+        convs = []
+        for out in channels:
+            convs.append(nn.Conv2d(c, out, kernel_size=3, padding=1))
+            c, h, w = out, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ConfigError("model.options.channels",
+                              f"{len(channels)} pooling blocks are too many for input {tuple(in_shape)}")
+        self.convs = nn.ModuleList(convs)
+        sizes = [c * h * w, *hidden, num_classes]
+        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = nn.functional.max_pool2d(torch.relu(conv(x)), 2)
+        x = x.flatten(1)
+        for i, fc in enumerate(self.fcs):
+            x = fc(x)
+            if i < len(self.fcs) - 1:
+                x = torch.relu(x)
+        return x
+
+    def channel_links(self) -> Links:
+        names = [f"convs.{i}" for i in range(len(self.convs))] + [f"fcs.{i}" for i in range(len(self.fcs))]
+        return [(a, (b,)) for a, b in zip(names[:-1], names[1:])]
+
+
+def _build_cnn(input_shape, num_classes, options) -> nn.Module:
+    _check_options("cnn", options, ("channels", "hidden"))
+    shape = _image_shape(input_shape, "cnn")
+    channels = _int_list(options.get("channels", [32, 64]), "model.options.channels", allow_empty=True)
+    hidden = _int_list(options.get("hidden", 128), "model.options.hidden", allow_empty=True)
+    defaults = {f"convs.{i}": c for i, c in enumerate(channels)}
+    defaults.update({f"fcs.{i}": h for i, h in enumerate(hidden)})
+    widths = _widths(options, defaults)
+    return CNN(shape, [widths[f"convs.{i}"] for i in range(len(channels))],
+               [widths[f"fcs.{i}"] for i in range(len(hidden))], num_classes)
+
+
+# --------------------------------------------------------------------------- VGG-11
+
+VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def _vgg_conv_names(batch_norm: bool) -> list[str]:
+    """Module names ``features.i`` of the convolutions, in order."""
+    names, idx = [], 0
+    for v in VGG11_CFG:
+        if v == "M":
+            idx += 1
+        else:
+            names.append(f"features.{idx}")
+            idx += 3 if batch_norm else 2
+    return names
+
+
+class VGG(nn.Module):
+    """CIFAR VGG: conv features then one Linear classifier."""
+
+    def __init__(self, in_shape: tuple[int, int, int], conv_channels: Sequence[int], batch_norm: bool,
+                 num_classes: int):
+        super().__init__()
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        it = iter(conv_channels)
+        for v in VGG11_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            else:
+                out = next(it)
+                layers.append(nn.Conv2d(c, out, kernel_size=3, padding=1))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(out))
+                layers.append(nn.ReLU(inplace=True))
+                c = out
+        if h < 1 or w < 1:
+            raise ConfigError("model.name", f"vgg11 needs inputs of at least 32x32; got {tuple(in_shape)}")
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c * h * w, num_classes)
+        self._conv_names = _vgg_conv_names(batch_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+    def channel_links(self) -> Links:
+        names = [*self._conv_names, "classifier"]
+        return [(a, (b,)) for a, b in zip(names[:-1], names[1:])]
+
+
+def _build_vgg11(input_shape, num_classes, options) -> nn.Module:
+    _check_options("vgg11", options, ("batch_norm", "width"))
+    shape = _image_shape(input_shape, "vgg11")
+    bn = options.get("batch_norm", True)
+    if not isinstance(bn, bool):
+        raise ConfigError("model.options.batch_norm", f"expected true or false, got {bn!r}")
+    width = _positive_float(options.get("width", 1.0), "model.options.width")
+    names = _vgg_conv_names(bn)
+    base = [_scaled(v, width) for v in VGG11_CFG if v != "M"]
+    widths = _widths(options, dict(zip(names, base)))
+    return VGG(shape, [widths[n] for n in names], bn, num_classes)
+
+
+# --------------------------------------------------------------------------- ResNet-18
+
+class BasicBlock(nn.Module):
+    """conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus shortcut, then ReLU.
+
+    ``mid`` (the output size of ``conv1``) may differ from ``out`` in compact models.
+    The shortcut is computed first so that module order equals execution order.
+    """
+
+    def __init__(self, cin: int, mid: int, out: int, stride: int):
+        super().__init__()
+        if stride != 1 or cin != out:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+        else:
+            self.shortcut = nn.Sequential()
+        self.conv1 = nn.Conv2d(cin, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.shortcut(x)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + skip)
+
+
+class ResNet(nn.Module):
+    def __init__(self, in_channels: int, stage_channels: Sequence[int], mids: Mapping[str, int],
+                 num_classes: int, blocks: Sequence[int] = (2, 2, 2, 2)):
+        super().__init__()
+        c = stage_channels[0]
+        self.conv1 = nn.Conv2d(in_channels, c, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        for s, (out, n) in enumerate(zip(stage_channels, blocks), start=1):
+            stage = []
+            for b in range(n):
+                stride = 2 if (s > 1 and b == 0) else 1
+                stage.append(BasicBlock(c, mids[f"layer{s}.{b}.conv1"], out, stride))
+                c = out
+            setattr(self, f"layer{s}", nn.Sequential(*stage))
+        self.num_stages = len(stage_channels)
+        self.blocks = tuple(blocks)
+        self.linear = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        for s in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{s}")(x)
+        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.linear(x)
+
+    def channel_links(self) -> Links:
+        return [(f"layer{s}.{b}.conv1", (f"layer{s}.{b}.conv2",))
+                for s, n in enumerate(self.blocks, start=1) for b in range(n)]
+
+
+def _build_resnet18(input_shape, num_classes, options) -> nn.Module:
+    _check_options("resnet18", options, ("width",))
+    shape = _image_shape(input_shape, "resnet18")
+    width = _positive_float(options.get("width", 1.0), "model.options.width")
+    stages = [_scaled(c, width) for c in (64, 128, 256, 512)]
+    defaults = {f"layer{s}.{b}.conv1": stages[s - 1] for s in range(1, 5) for b in range(2)}
+    widths = _widths(options, defaults)
+    return ResNet(shape[0], stages, widths, num_classes)
+
+
+# --------------------------------------------------------------------------- registry
+
+Builder = Callable[[tuple[int, ...], int, Mapping[str, Any]], nn.Module]
+
+MODELS: dict[str, Builder] = {
+    "mlp": _build_mlp,
+    "cnn": _build_cnn,
+    "vgg11": _build_vgg11,
+    "resnet18": _build_resnet18,
+}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *,
+                options: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build model ``name`` for per-example ``input_shape`` (e.g. ``(1, 8, 8)``) and ``num_classes``.
+
+    Unknown names or options raise :class:`ConfigError` naming ``model.name`` /
+    ``model.options.<key>``. ``options['width_ratio']`` builds the HeteroFL
+    slice directly (see module docstring); the full-size model it is derived
+    from is built under :func:`torch.random.fork_rng`, so the global RNG
+    advances exactly as when building the narrower model itself.
+    """
+    if name not in MODELS:
+        raise ConfigError("model.name", f"unknown model '{name}'; choose from: {', '.join(MODELS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError("data.num_classes", f"expected a positive integer, got {num_classes!r}")
+    opts = dict(options or {})
+    input_shape = tuple(int(s) for s in input_shape)
+    ratio = opts.pop("width_ratio", None)
+    if ratio is None:
+        return MODELS[name](input_shape, num_classes, opts)
+    ratio = _positive_float(ratio, "model.options.width_ratio")
+    if ratio > 1:
+        raise ConfigError("model.options.width_ratio", f"must be in (0, 1], got {ratio}")
+    if opts.get("widths"):
+        raise ConfigError("model.options.width_ratio", "cannot be combined with model.options.widths")
+    from fedray.models.spec import build_compact, model_spec, width_keep
+
+    with torch.random.fork_rng(devices=[]):
+        full = MODELS[name](input_shape, num_classes, opts)
+        spec = model_spec(full, input_shape)
+    return build_compact(name, input_shape, num_classes, opts, spec, width_keep(spec, ratio))
