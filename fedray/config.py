@@ -121,6 +121,35 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class DevicesConfig:
+    """Device population (see :mod:`fedray.devices.profile`) and how it is simulated.
+
+    ``tiers``: a preset name (``homogeneous``, ``clamp``) or a list of tiers
+    (``name, fraction, speed_range, download_bps_range, ...``).
+    """
+
+    tiers: Any = "homogeneous"
+    reference_flops: float = _f(2e9, check=POS, doc="FLOP/s of a 1.0x device")
+    link: str = _f("fixed", choices=("fixed", "lognormal"))
+    bw_sigma: float = _f(0.3, check=NONNEG)
+    link_means: str = _f("tier", choices=("tier", "linear", "random"))
+    download_bps_range: tuple[float, ...] = _f((20e6, 1.5e6), check=POS)
+    upload_bps_range: tuple[float, ...] = _f((5e6, 0.4e6), check=POS)
+    cpu_load: float = _f(0.0, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    load_sigma: float = _f(0.0, check=NONNEG)
+    dropout_prob: float = _f(0.0, check=UNIT)
+    availability: float = _f(1.0, check=UNIT)
+    availability_cycle_s: float = _f(3600.0, check=POS)
+    trace_path: str | None = None
+    noise_sigma: float = _f(0.0, check=NONNEG, doc="extra log-normal jitter of durations")
+    shared_server_bps: float | None = _f(None, check=POS)
+    low_battery: float = _f(0.05, check=UNIT, doc="below this battery level a device is unavailable")
+    mode: str = _f("simulated", choices=("simulated", "real"))
+    placement: str = _f("none", choices=("none", "pack", "spread", "strict_pack", "strict_spread"))
+    actor_per_tier: bool = _f(False, doc="one client actor per tier, with the tier's resources")
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     name: str = "fedavg"
     params: Any = None  # the method's own frozen Params dataclass, filled by load()
@@ -135,6 +164,7 @@ class ExperimentConfig:
     model: ModelConfig = _f(factory=ModelConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     server: ServerConfig = _f(factory=ServerConfig)
+    devices: DevicesConfig = _f(factory=DevicesConfig)
     cluster: ClusterConfig = _f(factory=ClusterConfig)
     runtime: RuntimeConfig = _f(factory=RuntimeConfig)
 
@@ -176,6 +206,10 @@ def _coerce(value, tp, path: str):
         return build(tp, value, path)
     if tp is Any:
         return value
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(path, f"must be one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -189,8 +223,8 @@ def _coerce(value, tp, path: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(path, f"must be finite, got {value!r}")
+        if math.isnan(value):
+            raise ConfigError(path, f"must be a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -358,8 +392,39 @@ def _check_cross(cfg: ExperimentConfig) -> None:
         )
     if cfg.data.partition.kind == "natural" and cfg.data.name not in ("femnist", "synthetic"):
         raise ConfigError("data.partition.kind", f"'natural' needs a data set with writers (femnist, synthetic), not {cfg.data.name!r}")
+    if cfg.devices.trace_path is not None and not Path(cfg.devices.trace_path).is_file():
+        raise ConfigError("devices.trace_path", f"file '{cfg.devices.trace_path}' does not exist")
+    population(cfg.devices)  # validates tiers and ranges with field paths
     if cfg.train.local_epochs == 0 and cfg.train.local_steps is None:
         raise ConfigError("train.local_epochs", "must be > 0 unless train.local_steps is set")
+
+
+def population(dev: DevicesConfig):
+    """The :class:`fedray.devices.profile.PopulationSpec` a ``devices`` section describes."""
+    from fedray.devices.profile import TIER_PRESETS, PopulationSpec, TierSpec
+
+    if isinstance(dev.tiers, str):
+        if dev.tiers not in TIER_PRESETS:
+            raise ConfigError("devices.tiers", f"unknown preset {dev.tiers!r}; choose from: {', '.join(TIER_PRESETS)} or a list")
+        tiers = TIER_PRESETS[dev.tiers]()
+    elif isinstance(dev.tiers, (list, tuple)) and dev.tiers:
+        tiers = []
+        for i, t in enumerate(dev.tiers):
+            if isinstance(t, TierSpec):
+                tiers.append(t)
+                continue
+            if not isinstance(t, Mapping) or "name" not in t:
+                raise ConfigError(f"devices.tiers[{i}]", "must be a mapping with at least name and fraction")
+            tiers.append(build(TierSpec, t, f"devices.tiers[{i}]"))
+        tiers = tuple(tiers)
+    else:
+        raise ConfigError("devices.tiers", f"must be a preset name or a non-empty list of tiers, got {dev.tiers!r}")
+    return PopulationSpec(
+        reference_flops=dev.reference_flops, tiers=tiers, link=dev.link, bw_sigma=dev.bw_sigma,
+        link_means=dev.link_means, download_bps_range=tuple(dev.download_bps_range),
+        upload_bps_range=tuple(dev.upload_bps_range), cpu_load=dev.cpu_load, load_sigma=dev.load_sigma,
+        dropout_prob=dev.dropout_prob, availability=dev.availability,
+        availability_cycle_s=dev.availability_cycle_s, trace_path=dev.trace_path)
 
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

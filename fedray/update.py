@@ -26,7 +26,7 @@ class Update:
     bytes_up: int = 0  # real payload size sent
     wall_s: float = 0.0  # measured seconds of local training on the actor
     telemetry: dict = field(default_factory=dict)
-    extras: dict = field(default_factory=dict)  # method-specific reports (e.g. squared gradients)
+    extras: dict = field(default_factory=dict)  # small diagnostics (the traceback of a failed client)
     error: str | None = None  # application error as a value (the client crashed)
     payload: Payload | None = None
 

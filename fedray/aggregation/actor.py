@@ -52,6 +52,9 @@ class AggregatorCore:
             return "duplicate"
         self.seen.add(header.dispatch_id)
         reason = validate.check(header, payload, self.params, expected)
+        limit = self.method.max_staleness()
+        if reason is None and limit is not None and self.version - header.base_version > limit:
+            reason = "stale"
         if reason is not None:
             self.rejected[reason] += 1
             return reason
@@ -64,8 +67,7 @@ class AggregatorCore:
         """Apply the method's rule to the buffer; bump the version. False if empty."""
         if not self.pending:
             return False
-        contribs = [c for _, c in self.pending]
-        new = self.method.aggregate(self.params, contribs, self.version)
+        new = self.method.aggregate(self.params, self.pending, self.version)
         bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
         if bad:  # never publish a non-finite model: drop this aggregation
             self.rejected["nonfinite_result"] += len(self.pending)
@@ -77,12 +79,20 @@ class AggregatorCore:
         self.version += 1
         return True
 
-    def receive(self, items, *, force: bool = True, evaluate: bool = True) -> dict:
-        """Admit ``items`` = [(header, payload, expected_keys)], aggregate if ``force``."""
-        results = [(h.dispatch_id, self.admit(h, p, e)) for h, p, e in items]
-        aggregated = self.aggregate() if force else False
-        out = {"version": self.version, "aggregated": aggregated, "results": results,
-               "buffer": len(self.pending), "rejected": dict(self.rejected)}
+    def receive(self, items, *, force: bool = False, evaluate: bool = True) -> dict:
+        """Admit ``items`` = [(header, payload, expected_keys)] in order; aggregate when
+        the method's trigger fires after an admission, or at the end if ``force``."""
+        results, aggregated, staleness = [], False, []
+        for h, p, e in items:
+            staleness.append(self.version - h.base_version)
+            results.append((h.dispatch_id, self.admit(h, p, e)))
+            if self.pending and self.method.trigger(len(self.pending)):
+                aggregated = self.aggregate() or aggregated
+        buffered = len(self.pending)
+        if force:
+            aggregated = self.aggregate() or aggregated
+        out = {"version": self.version, "aggregated": aggregated, "results": results, "staleness": staleness,
+               "buffer": buffered, "rejected": dict(self.rejected)}
         if aggregated and evaluate and self.evaluator is not None:
             out["accuracy"], out["loss"] = self.evaluator(self.params)
         return out
@@ -129,7 +139,7 @@ class AggregatorActor:
             self.puts += 1
         return [self._ref]
 
-    def receive(self, items: list, force: bool = True, evaluate: bool = True) -> dict:
+    def receive(self, items: list, force: bool = False, evaluate: bool = True) -> dict:
         """``items`` = [(header, [payload_ref], expected_keys)]; payloads are fetched here."""
         refs = [p[0] if isinstance(p, list) else p for _, p, _ in items]
         payloads = ray.get(refs) if refs else []

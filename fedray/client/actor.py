@@ -17,11 +17,13 @@ import ray
 import torch
 
 from fedray import seeding
-from fedray.client.trainer import get_params, local_train, resolve_device
+from fedray.client.trainer import get_params, load_params, local_train, resolve_device
+from fedray.devices.throttle import Throttle
 from fedray.methods.base import Assignment
+from fedray.models.spec import build_compact, extract, model_spec, scatter
 from fedray.models.zoo import build_model
-from fedray.submodel import masks as M
-from fedray.submodel.encode import encode
+from fedray.pruning.curvature import fisher_and_grad, group_scores, keep_top
+from fedray.submodel.encode import Payload, encode
 from fedray.update import Update
 
 
@@ -31,6 +33,7 @@ class Task:
     version: int
     assignment: Assignment
     telemetry: dict | None = None  # conditions the device reports with its update
+    speed: float | None = None  # real throttling: relative device speed (None: run at full speed)
     fail: str | None = None  # injected failure for tests: "raise" | "nan"
 
 
@@ -42,10 +45,41 @@ class ClientWorker:
         torch.set_num_threads(cfg.cluster.torch_threads)
         self.x, self.y = data["x"], data["y"]
         self.partitions = partitions
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.device = resolve_device(cfg.runtime.device)
         torch.manual_seed(seeding.derive(cfg.seed, "init"))
-        self.model = build_model(cfg.model.name, tuple(input_shape), num_classes, options=cfg.model.options)
+        self.model = build_model(cfg.model.name, self.input_shape, num_classes, options=cfg.model.options)
+        self.spec = model_spec(self.model, self.input_shape)
         self.param_names = {k for k, _ in self.model.named_parameters()}
+        self._compact: dict[tuple, torch.nn.Module] = {}  # compact models by their shapes
+
+    def _train_cfg(self, a: Assignment):
+        cfg = self.cfg.train
+        if a.local_epochs is not None or a.local_steps is not None:
+            cfg = replace(cfg, local_epochs=a.local_epochs if a.local_epochs is not None else cfg.local_epochs,
+                          local_steps=a.local_steps if a.local_steps is not None else cfg.local_steps)
+        return cfg
+
+    def _curvature_keep(self, params: dict, a: Assignment, seed: int) -> dict:
+        """CA-HFP: the client scores channels by local empirical Fisher and keeps the best."""
+        load_params(self.model, params)
+        idx = self.partitions[a.client_id]
+        rng = seeding.rng(seed, "mask")
+        order = idx[rng.permutation(len(idx))]
+        bs = self.cfg.train.batch_size
+        n_batches = max(1, min(a.score_batches, -(-len(order) // bs)))
+        batches = [(torch.from_numpy(self.x[order[i * bs:(i + 1) * bs]]).to(self.device),
+                    torch.from_numpy(self.y[order[i * bs:(i + 1) * bs]]).to(self.device)) for i in range(n_batches)]
+        self.model.to(self.device)
+        grad, fisher = fisher_and_grad(self.model, batches, torch.nn.functional.cross_entropy)
+        return keep_top(self.spec, group_scores(self.spec, params, grad, fisher), a.keep_ratio)
+
+    def _compact_model(self, keep: dict) -> torch.nn.Module:
+        key = tuple(sorted((k, len(v)) for k, v in keep.items()))
+        if key not in self._compact:
+            self._compact[key] = build_compact(self.cfg.model.name, self.input_shape, self.num_classes,
+                                               self.cfg.model.options, self.spec, keep)
+        return self._compact[key]
 
     def run_task(self, params: dict, task: Task) -> Update:
         a = task.assignment
@@ -53,35 +87,50 @@ class ClientWorker:
         header = Update(dispatch_id=task.dispatch_id, client_id=a.client_id, base_version=task.version,
                         num_examples=len(self.partitions[a.client_id]), kind=a.send,
                         telemetry=dict(task.telemetry or {}))
+        throttle = None
+        if task.speed is not None:
+            throttle = Throttle(task.speed)
         try:
             if task.fail == "raise":
                 raise RuntimeError("injected client failure")
-            send = a.mask if a.mask is not None else None
-            trainable = set(a.trainable) if a.trainable is not None else (
-                {k for k in send if k in self.param_names} if send is not None else None)
-            cfg = self.cfg.train
-            if a.local_epochs is not None or a.local_steps is not None:
-                cfg = replace(cfg, local_epochs=a.local_epochs if a.local_epochs is not None else cfg.local_epochs,
-                              local_steps=a.local_steps if a.local_steps is not None else cfg.local_steps)
-            stats = local_train(self.model, params, self.x, self.y, self.partitions[a.client_id], cfg,
-                                seed=seeding.derive(self.cfg.seed, "train", task.dispatch_id),
-                                trainable=trainable, mask=send, device=self.device)
-            keys = list(send.keys()) if send is not None else list(params.keys())
-            values = get_params(self.model, keys)
+            seed = seeding.derive(self.cfg.seed, "train", task.dispatch_id)
+            cfg = self._train_cfg(a)
+            step = throttle.step if throttle is not None else None
+            aux = {}
+            keep = a.keep
+            if keep is None and a.keep_policy == "curvature":
+                keep = self._curvature_keep(params, a, seed)
+            if keep is not None:  # a physically smaller model, reconstructed into the global index space
+                index = self.spec.slice_index(keep)
+                model = self._compact_model(keep)
+                stats = local_train(model, extract(params, index), self.x, self.y, self.partitions[a.client_id], cfg,
+                                    seed=seed, device=self.device, hidden_scale=a.hidden_scale, on_step=step,
+                                    collect_sq_grads=a.collect_sq_grads)
+                values, send = scatter(get_params(model), index, params)
+                aux.update({f"kept/{k}": v.astype(np.int32) for k, v in keep.items()})
+            else:
+                send = a.mask
+                trainable = set(a.trainable) if a.trainable is not None else (
+                    {k for k in send if k in self.param_names} if send is not None else None)
+                stats = local_train(self.model, params, self.x, self.y, self.partitions[a.client_id], cfg,
+                                    seed=seed, trainable=trainable, mask=send, device=self.device,
+                                    hidden_scale=a.hidden_scale, on_step=step, collect_sq_grads=a.collect_sq_grads)
+                values = get_params(self.model, list(send.keys()) if send is not None else None)
+            if stats.sq_grads is not None:
+                aux.update({f"sq_grads/{k}": v for k, v in stats.sq_grads.items()})
+            if throttle is not None:
+                throttle.flush()
             if a.send == "delta":
                 values = {k: (v - params[k]).astype(v.dtype, copy=False) for k, v in values.items()}
             if task.fail == "nan":
-                k0 = keys[0]
+                k0 = next(iter(values))
                 values[k0] = np.full_like(values[k0], np.nan)
-            payload = encode(values, send)
-            return Update(**{**header.__dict__, "train_loss": stats.loss, "steps": stats.steps,
-                             "wall_s": time.perf_counter() - t0, "bytes_up": payload.nbytes,
-                             "payload": payload})
+            payload = Payload(encode(values, send).entries, aux)
+            return replace(header, train_loss=stats.loss, steps=stats.steps, wall_s=time.perf_counter() - t0,
+                           bytes_up=payload.nbytes, payload=payload)
         except Exception as e:  # application errors travel as values
-            msg = f"{type(e).__name__}: {e}"
-            tb = traceback.format_exc(limit=3)
-            return Update(**{**header.__dict__, "error": msg, "extras": {"traceback": tb},
-                             "wall_s": time.perf_counter() - t0})
+            return replace(header, error=f"{type(e).__name__}: {e}",
+                           extras={"traceback": traceback.format_exc(limit=3)}, wall_s=time.perf_counter() - t0)
 
     def run(self, params: dict, tasks: list[Task]) -> list[Update]:
         return [self.run_task(params, t) for t in tasks]

@@ -8,6 +8,7 @@ only on the inputs, never on which actor or worker ran it.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Mapping
@@ -85,6 +86,8 @@ def local_train(
     mask: Mapping[str, np.ndarray] | None = None,
     device: torch.device = torch.device("cpu"),
     collect_sq_grads: bool = False,
+    hidden_scale: float | None = None,
+    on_step=None,
 ) -> TrainStats:
     """Train ``model`` (loaded with ``params``) in place on ``x[indices]``.
 
@@ -94,6 +97,10 @@ def local_train(
     to their starting values after every optimizer step (masked training).
     ``collect_sq_grads``: accumulate squared gradients per parameter (PR-FL
     importance) and return them in the stats.
+    ``hidden_scale``: divide the outputs of every layer but the last by this
+    value during training (HeteroFL's scaler for a width-``beta`` submodel).
+    ``on_step(busy_s)``: called after every optimizer step with the step's
+    measured seconds (real throttling).
     """
     load_params(model, params)
     model.to(device)
@@ -114,7 +121,14 @@ def local_train(
     opt = make_optimizer(train_params, cfg)
     loss_fn = nn.CrossEntropyLoss()
     sq = {k: torch.zeros_like(named[k]) for k in train_names} if collect_sq_grads else None
+    hooks = []
+    if hidden_scale is not None and hidden_scale != 1.0:
+        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for m in layers[:-1]:
+            hooks.append(m.register_forward_hook(lambda _m, _i, out: out / hidden_scale))
     total, steps, seen = 0.0, 0, 0
+    clock = time.perf_counter
+    t_step = clock()
     for idx in batches(np.asarray(indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps, rng):
         xb = torch.from_numpy(x[idx]).to(device, non_blocking=True)
         yb = torch.from_numpy(y[idx]).to(device, non_blocking=True)
@@ -134,6 +148,12 @@ def local_train(
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
         steps += 1
+        if on_step is not None:
+            now = clock()
+            on_step(now - t_step)
+            t_step = clock()
+    for h in hooks:
+        h.remove()
     for p in named.values():
         p.requires_grad_(True)
     sq_np = {k: v.cpu().numpy() for k, v in sq.items()} if sq is not None else None

@@ -2,11 +2,22 @@
 training, aggregation rule and server schedule.
 
 A method class declares its frozen ``Params`` dataclass (validated under the
-``method:`` config section), a ``schedule`` for the driver loop, and three
-small hooks. The driver loop calls :meth:`Method.select` and
-:meth:`Method.plan`; the aggregator actor calls :meth:`Method.aggregate` with
-the validated contributions. The math itself lives in
+``method:`` config section), a ``schedule`` for the driver loop, and small
+hooks. The driver loop calls :meth:`Method.select`, :meth:`Method.plan` and
+:meth:`Method.observe` (telemetry, as a device reports it); the aggregator
+actor calls :meth:`Method.trigger` and :meth:`Method.aggregate` with the
+validated, buffered contributions. The math lives in
 :mod:`fedray.aggregation.rules`, :mod:`fedray.submodel` and :mod:`fedray.pruning`.
+
+Schedules (see :mod:`fedray.runtime.loop`):
+
+- ``sync``: rounds; the round's updates are aggregated together when the
+  round ends (its slowest client, or :meth:`Method.deadline`).
+- ``async``: ``concurrency`` clients in flight; each arrival goes to the
+  buffer and :meth:`Method.trigger` decides when to aggregate (FedAsync: at
+  once; FedBuff: every K).
+- ``interval``: like ``async`` but the server aggregates whatever has
+  arrived every :meth:`Method.interval_s` virtual seconds (FedFix, PR-FL).
 """
 from __future__ import annotations
 
@@ -17,6 +28,9 @@ import numpy as np
 
 from fedray.aggregation import rules
 from fedray.submodel.masks import Mask, Params
+from fedray.update import Update
+
+Entry = tuple[Update, rules.Contribution]
 
 
 @dataclass(frozen=True)
@@ -25,10 +39,19 @@ class Assignment:
 
     client_id: int
     trainable: frozenset[str] | None = None  # parameter keys that train (None: all)
-    mask: Mask | None = None  # coordinates trained and sent (None: trainable keys, dense)
+    mask: Mask | None = None  # coordinates trained and sent (None: everything, dense)
     send: str = "model"  # "model" or "delta"
     local_epochs: int | None = None  # None: train.local_epochs
     local_steps: int | None = None  # None: train.local_steps
+    download_mask: Mask | None = None  # what the client downloads (None: the whole model)
+    keep: dict | None = None  # structured submodel {layer: kept channels}: trained as a physically smaller model
+    keep_policy: str | None = None  # "curvature": the client picks its channels from local curvature (CA-HFP)
+    keep_ratio: float = 1.0  # with keep_policy: fraction of channels of every prunable layer
+    score_batches: int = 4  # with keep_policy: local mini-batches used to score channels
+    hidden_scale: float | None = None  # HeteroFL scaler (outputs of hidden layers / beta while training)
+    collect_sq_grads: bool = False  # report accumulated squared gradients (PR-FL importance)
+    train_flops_per_example: int | None = None  # a physically smaller model's own cost (None: from the spec)
+    info: tuple = ()  # (name, value) pairs recorded with the dispatch (depth, density...)
 
 
 @dataclass(frozen=True)
@@ -37,7 +60,7 @@ class NoParams:
 
 
 class Method:
-    """Base class: uniform sampling, full model, weighted mean."""
+    """Base class: uniform sampling, full model, mean weighted by example count."""
 
     name: ClassVar[str] = "base"
     Params: ClassVar[type] = NoParams
@@ -57,12 +80,35 @@ class Method:
     def plan(self, client_id: int, version: int) -> Assignment:
         return Assignment(client_id=int(client_id))
 
+    def observe(self, header: Update) -> None:
+        """Telemetry of a finished update, as the device reports it (adaptive methods)."""
+
+    def deadline(self, predicted_s: np.ndarray) -> float | None:
+        """Sync rounds: seconds after the round start after which updates are dropped."""
+        return None
+
+    def concurrency(self) -> int:
+        """Async schedules: clients in flight."""
+        return self.cfg.server.clients_per_round
+
+    def interval_s(self) -> float:
+        """Interval schedule: virtual seconds between aggregations."""
+        raise NotImplementedError(f"{self.name} has no interval schedule")
+
+    def max_staleness(self) -> int | None:
+        """Updates staler than this many versions are rejected (None: no cutoff)."""
+        return None
+
     # ---- server side
-    def aggregate(self, global_params: Params, contribs: list[rules.Contribution], version: int) -> Params:
-        return rules.weighted_mean(global_params, contribs)
+    def trigger(self, pending: int) -> bool:
+        """Aggregate now, with ``pending`` updates buffered? (async schedules)"""
+        return False
+
+    def aggregate(self, global_params: Params, entries: list[Entry], version: int) -> Params:
+        return rules.weighted_mean(global_params, [c for _, c in entries])
 
     def state_dict(self) -> Mapping:
-        """Method state that must survive a checkpoint (none by default)."""
+        """Server-side method state that must survive a checkpoint (none by default)."""
         return {}
 
     def load_state_dict(self, state: Mapping) -> None:

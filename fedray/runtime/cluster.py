@@ -6,6 +6,7 @@ import os
 
 import ray
 
+from fedray.devices.profile import DeviceProfile
 from fedray.errors import ConfigError
 
 
@@ -45,3 +46,57 @@ def actor_options(actor_cfg, *, name: str | None = None) -> dict:
     if name:
         opts["name"] = name
     return opts
+
+
+def create_client_actors(cfg, profiles, make):
+    """Create the client actors; returns ``({pool: [actors]}, placement_group | None)``.
+
+    Pools: with ``devices.actor_per_tier`` every tier that has clients gets its
+    own actors, requesting the tier's resources (fractional CPUs, GPUs, memory,
+    custom resources such as ``{"device:edge": 1}``) so Ray places them only on
+    nodes that offer them; clients are served by their tier's pool. Otherwise
+    one pool (key ``None``) with ``cluster.client_actor`` resources. With
+    ``devices.placement`` other than ``none`` the actors are reserved together
+    in one placement group (PACK / SPREAD / STRICT_*).
+    ``make(options) -> actor handle``.
+    """
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n = cfg.cluster.num_client_actors
+    specs: list[tuple[object, dict]] = []
+    if cfg.devices.actor_per_tier:
+        tiers: dict[str, DeviceProfile] = {}
+        for p in profiles:
+            tiers.setdefault(p.tier, p)
+        per = max(1, n // len(tiers))
+        for name, p in tiers.items():
+            opts = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
+            if p.resources:
+                opts["resources"] = dict(p.resources)
+            specs += [(name, opts)] * per
+    else:
+        specs = [(None, actor_options(cfg.cluster.client_actor))] * n
+    pg = None
+    if cfg.devices.placement != "none":
+        bundles = []
+        for _, o in specs:
+            b = {"CPU": o.get("num_cpus", 1.0)}
+            if o.get("num_gpus"):
+                b["GPU"] = o["num_gpus"]
+            b.update(o.get("resources", {}))
+            bundles.append({k: v for k, v in b.items() if v})
+        pg = placement_group([b or {"CPU": 0.01} for b in bundles], strategy=cfg.devices.placement.upper())
+        try:
+            ray.get(pg.ready(), timeout=120)
+        except Exception:
+            ray.util.remove_placement_group(pg)
+            raise ConfigError("devices.placement", "the cluster cannot reserve the client actors' resources "
+                              f"({bundles}) with strategy {cfg.devices.placement.upper()}") from None
+    pools: dict = {}
+    for i, (pool, opts) in enumerate(specs):
+        o = dict(opts)
+        if pg is not None:
+            o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        pools.setdefault(pool, []).append(make(o))
+    return pools, pg

@@ -1,17 +1,25 @@
-"""The driver loop: set up data, actors and aggregator, then run the method's
-schedule and record every event.
+"""The driver loop: a virtual-clock event loop over Ray actors.
 
-The loop makes every ``dispatch_id``, predicts every cost at dispatch time and
-hands finished updates to the aggregator in a fixed order (for synchronous
-rounds: the order of dispatch; for asynchronous schedules: virtual finish
-time), so results never depend on which Ray worker finished first.
+The loop sets up data, devices, client actors and the aggregator, then runs
+the method's schedule (``sync`` rounds, ``async`` arrivals, ``interval``
+ticks; see :mod:`fedray.methods.base`). For every dispatch it makes the
+``dispatch_id``, predicts FLOPs, bytes and the device's virtual finish time
+with the one cost model, decides drops (device dropout, round deadline) at
+dispatch, and hands finished updates to the aggregator strictly in virtual
+finish-time order (ties: dispatch id). Trainings run concurrently on Ray; the
+order in which workers finish never changes a result.
+
+In ``devices.mode: real`` the client actors are really slowed (duty cycle,
+threads, CPU share) and round times are the measured seconds of training plus
+the simulated communication; only synchronous schedules run in real mode.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,11 @@ from fedray.client.actor import ClientActor, Task
 from fedray.client.trainer import get_params
 from fedray.data.datasets import Dataset, load_dataset
 from fedray.data.partition import cached_partition, partition
+from fedray.devices import cost as costs
+from fedray.devices.profile import DeviceProfile, build_population
+from fedray.errors import ConfigError
 from fedray.methods import registry
+from fedray.metrics import definitions
 from fedray.metrics.recorder import Recorder
 from fedray.models.spec import ModelSpec, model_spec
 from fedray.models.zoo import build_model
@@ -63,12 +75,11 @@ class Setup:
     partitions: list[np.ndarray]
     params: dict[str, np.ndarray]
     spec: ModelSpec
-    setup_s: float = 0.0
+    profiles: list[DeviceProfile]
 
 
 def prepare(cfg: C.ExperimentConfig) -> Setup:
-    """Load data (once), partition it (cached), build the initial model and its spec."""
-    t0 = time.perf_counter()
+    """Load data (once), partition it (cached), build the initial model, its spec and the devices."""
     d = cfg.data
     ds = load_dataset(d.name, root=d.root, download=d.download, seed=cfg.seed, test_fraction=d.test_fraction,
                       options=d.options)
@@ -82,7 +93,25 @@ def prepare(cfg: C.ExperimentConfig) -> Setup:
     torch.manual_seed(seeding.derive(cfg.seed, "init"))
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, options=cfg.model.options)
     spec = model_spec(model, ds.input_shape)
-    return Setup(cfg, ds, parts, get_params(model), spec, time.perf_counter() - t0)
+    profiles = build_population(d.num_clients, C.population(cfg.devices), seeding.derive(cfg.seed, "devices"))
+    return Setup(cfg, ds, parts, get_params(model), spec, profiles)
+
+
+@dataclass(order=True)
+class Inflight:
+    """One dispatch between its start and its end on the virtual clock."""
+
+    t_end: float
+    dispatch_id: int
+    task: Task = field(compare=False)
+    cost: costs.Cost = field(compare=False)
+    t_start: float = field(compare=False)
+    outcome: str = field(compare=False)  # "update" | "drop" | "late"
+    round: int = field(compare=False)
+    energy_j: float = field(compare=False)
+    flops: int = field(compare=False)
+    header_ref: object = field(default=None, compare=False)
+    payload_ref: object = field(default=None, compare=False)
 
 
 @dataclass
@@ -90,10 +119,11 @@ class Totals:
     bytes_up: int = 0
     bytes_down: int = 0
     train_flops: int = 0
+    energy_j: float = 0.0
     updates: int = 0
     dropped: int = 0
+    late: int = 0
     rejected: int = 0
-    history: list = field(default_factory=list)  # (version, virtual_s, wall_s, accuracy, loss)
 
 
 class Runner:
@@ -114,162 +144,350 @@ class Runner:
         self.setup = s = prepare(cfg)
         ds = s.dataset
         self.method = registry.get(cfg.method.name)(cfg, s.spec)
+        if cfg.devices.mode == "real" and self.method.schedule != "sync":
+            raise ConfigError("devices.mode", f"'real' throttling runs synchronous methods; {cfg.method.name} is {self.method.schedule}")
         data_ref = ray.put({"x": ds.x_train, "y": ds.y_train})
         parts_ref = ray.put(s.partitions)
         test_ref = ray.put({"x": ds.x_test, "y": ds.y_test})
-        opts = cluster.actor_options(cfg.cluster.client_actor)
-        self.actors = [ClientActor.options(**opts).remote(cfg, data_ref, parts_ref, ds.input_shape, ds.num_classes)
-                       for _ in range(cfg.cluster.num_client_actors)]
+        self.pools, self.placement_group = cluster.create_client_actors(
+            cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(
+                cfg, data_ref, parts_ref, ds.input_shape, ds.num_classes))
+        self.actors = [a for pool in self.pools.values() for a in pool]
         self.aggregator = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
             cfg, s.params, test_ref, ds.input_shape, ds.num_classes, s.spec)
         self.model_ref = ray.get(self.aggregator.model_ref.remote())[0]
         self.version = 0
         self.next_dispatch = 0
         self.like = s.params  # shapes and dtypes of the global model
-        self.full_bytes = payload_nbytes(s.params)
+        self.cost_model = costs.CostModel(shared_server_bps=cfg.devices.shared_server_bps,
+                                          noise_sigma=cfg.devices.noise_sigma)
+        n = cfg.data.num_clients
+        self.battery = np.array([p.battery_level for p in s.profiles], dtype=np.float64)
+        self.battery_t = np.zeros(n)
+        self.busy = np.zeros(n, dtype=bool)
+        self.slow = np.array([costs.is_slow(p) for p in s.profiles])
         self.recorder = Recorder(self.run_dir, tensorboard=cfg.runtime.tensorboard)
         C.dump(cfg, self.run_dir / "config.yaml")
 
-    # ------------------------------------------------------------ dispatch helpers
-    def _task(self, client_id: int) -> Task:
-        a = self.method.plan(int(client_id), self.version)
-        t = Task(dispatch_id=self.next_dispatch, version=self.version, assignment=a)
-        self.next_dispatch += 1
-        return t
+    # ------------------------------------------------------------ devices
+    def _charge(self, c: int, t: float) -> None:
+        """Recharge an idle device up to time ``t``."""
+        p = self.setup.profiles[c]
+        if t > self.battery_t[c] and not math.isinf(p.battery_j):
+            self.battery[c] = costs.recharge(self.battery[c], t - self.battery_t[c], p.recharge_w, p.battery_j)
+        self.battery_t[c] = max(self.battery_t[c], t)
 
-    def _costs(self, task: Task) -> dict:
-        """Predicted (deterministic) costs of a task: FLOPs and bytes both ways."""
+    def available(self, t: float) -> np.ndarray:
+        """Clients that are idle, online and charged at virtual time ``t``."""
+        out = []
+        low = self.cfg.devices.low_battery
+        for c, p in enumerate(self.setup.profiles):
+            if self.busy[c]:
+                continue
+            self._charge(c, t)
+            if costs.available(p, t, self.battery[c], seed=self.cfg.seed, low=low):
+                out.append(c)
+        return np.array(out, dtype=np.int64)
+
+    # ------------------------------------------------------------ dispatch
+    def _predict(self, task: Task) -> dict:
+        """Deterministic FLOPs and bytes of a task (what the device will do and send)."""
         a = task.assignment
         spec, tc = self.setup.spec, self.cfg.train
         n = len(self.setup.partitions[a.client_id])
         epochs = a.local_epochs if a.local_epochs is not None else tc.local_epochs
         steps = a.local_steps if a.local_steps is not None else tc.local_steps
+        examples = examples_processed(n, tc.batch_size, epochs, steps)
         if a.trainable is not None:
             trained = {spec.layer_of_key(k).name for k in a.trainable}
         elif a.mask is not None:
             trained = {spec.layer_of_key(k).name for k, m in a.mask.items() if k in spec.param_keys and m.any()}
         else:
             trained = set(spec.layer_names)
-        return {"train_flops": spec.train_flops(trained, examples_processed(n, tc.batch_size, epochs, steps)),
-                "bytes_down": self.full_bytes,
-                "bytes_up_pred": payload_nbytes(self.like, a.mask)}
+        # a physically smaller model (CA-HFP) carries its own per-example FLOPs
+        flops = (a.train_flops_per_example * examples if a.train_flops_per_example is not None
+                 else spec.train_flops(trained, examples))
+        up = payload_nbytes(self.like, a.mask)
+        if a.collect_sq_grads:  # dense squared gradients of the trained parameters travel as aux arrays
+            keys = a.trainable if a.trainable is not None else (a.mask.keys() if a.mask is not None else self.like)
+            up += payload_nbytes({k: self.like[k] for k in keys if k in spec.param_keys})
+        return {"train_flops": int(flops), "bytes_down": payload_nbytes(self.like, a.download_mask), "bytes_up": up}
 
-    def _dispatch(self, tasks: list[Task]) -> list[tuple[Task, ray.ObjectRef, ray.ObjectRef]]:
-        """Send tasks to actors (round-robin), one call per actor; returns (task, header_ref, payload_ref)."""
-        out = []
-        A = len(self.actors)
-        for i in range(min(A, len(tasks))):
-            group = tasks[i::A]
-            refs = self.actors[i].train_many.options(num_returns=2 * len(group)).remote(self.model_ref, group)
-            for j, t in enumerate(group):
-                out.append((t, refs[2 * j], refs[2 * j + 1]))
-        out.sort(key=lambda x: x[0].dispatch_id)
-        return out
-
-    @staticmethod
-    def _expected(task: Task, like) -> list[str]:
-        m = task.assignment.mask
-        return list(like) if m is None else [k for k, v in m.items() if v.any()]
-
-    # ------------------------------------------------------------ the sync schedule
-    def _sync_round(self, r: int, t_start: float) -> dict:
+    def _launch(self, clients, t: float, rnd: int, deadline_rule=None) -> list[Inflight]:
+        """Plan, cost and dispatch ``clients`` at virtual time ``t``; returns their records."""
         cfg = self.cfg
-        candidates = np.arange(cfg.data.num_clients)
-        selected = self.method.select(seeding.rng(cfg.seed, "select", r), candidates, cfg.server.clients_per_round)
-        tasks = [self._task(c) for c in selected]
-        inflight = self._dispatch(tasks)
-        items, rows = [], []
-        for task, href, pref in inflight:
-            costs = self._costs(task)
-            base = {"round": r, "version": self.version, "dispatch_id": task.dispatch_id,
-                    "client_id": task.assignment.client_id}
-            try:
-                h = ray.get(href)
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-                rows.append({**base, "event": "drop", "reason": type(e).__name__})
+        recs: list[Inflight] = []
+        for c in clients:
+            c = int(c)
+            did = self.next_dispatch
+            self.next_dispatch += 1
+            a = self.method.plan(c, self.version)
+            prof = self.setup.profiles[c]
+            pred = self._predict(Task(did, self.version, a))
+            cst = self.cost_model.estimate(prof, train_flops=pred["train_flops"], bytes_down=pred["bytes_down"],
+                                           bytes_up=pred["bytes_up"], t_start=t, seed=cfg.seed, round_key=did)
+            tele = {"round_s": cst.total_s, "compute_s": cst.compute_s, "comm_s": cst.download_s + cst.upload_s,
+                    "cpu_load": cst.cpu_load, "download_bps": cst.download_bps, "upload_bps": cst.upload_bps,
+                    "battery": float(self.battery[c]), "speed": prof.speed}
+            task = Task(did, self.version, a, telemetry=tele,
+                        speed=prof.speed if cfg.devices.mode == "real" else None)
+            drop = costs.dropout_point(prof, seed=cfg.seed, round_key=did)
+            if drop is not None:
+                spent = cst.download_s + cst.latency_s + drop * cst.compute_s
+                energy = prof.radio_power_w * cst.download_s + prof.compute_power_w * drop * cst.compute_s
+                recs.append(Inflight(t + spent, did, task, cst, t, "drop", rnd, energy, int(drop * cst.train_flops)))
+            else:
+                recs.append(Inflight(t + cst.total_s, did, task, cst, t, "update", rnd, cst.energy_j, cst.train_flops))
+        if deadline_rule is not None and recs:
+            limit = deadline_rule(np.array([r.cost.total_s for r in recs]))
+            if limit is not None:
+                for r in recs:
+                    if r.outcome == "update" and r.t_end - t > limit:
+                        frac = min(1.0, max(0.0, (limit - r.cost.download_s - r.cost.latency_s) / max(r.cost.compute_s, 1e-12)))
+                        r.outcome, r.t_end = "late", t + limit
+                        p = self.setup.profiles[r.task.assignment.client_id]
+                        r.energy_j = p.radio_power_w * r.cost.download_s + p.compute_power_w * frac * r.cost.compute_s
+                        r.flops = int(frac * r.cost.train_flops)
+        for r in recs:
+            c = r.task.assignment.client_id
+            self.busy[c] = True
+            p = self.setup.profiles[c]
+            self._charge(c, t)
+            self.battery[c] = costs.drain(self.battery[c], r.energy_j, p.battery_j)
+            self.battery_t[c] = r.t_end
+        self._send([r for r in recs if r.outcome == "update"])
+        return recs
+
+    def _send(self, recs: list[Inflight]) -> None:
+        """One Ray call per actor for the tasks routed to it (by the client's tier pool)."""
+        groups: dict[tuple, list[Inflight]] = {}
+        for r in recs:
+            tier = self.setup.profiles[r.task.assignment.client_id].tier
+            pool = tier if tier in self.pools else None
+            groups.setdefault((pool, r.dispatch_id % len(self.pools[pool])), []).append(r)
+        for (pool, i), group in groups.items():
+            actor = self.pools[pool][i]
+            refs = actor.train_many.options(num_returns=2 * len(group)).remote(self.model_ref, [r.task for r in group])
+            for j, r in enumerate(group):
+                r.header_ref, r.payload_ref = refs[2 * j], refs[2 * j + 1]
+
+    # ------------------------------------------------------------ resolution
+    def _row(self, r: Inflight, event: str, **extra) -> dict:
+        a = r.task.assignment
+        p = self.setup.profiles[a.client_id]
+        row = {"event": event, "round": r.round, "version": r.task.version, "dispatch_id": r.dispatch_id,
+               "client_id": a.client_id, "tier": p.tier, "slow": bool(self.slow[a.client_id]),
+               "t_start": r.t_start, "virtual_s": r.t_end, "round_s": r.t_end - r.t_start,
+               "compute_s": r.cost.compute_s, "comm_s": r.cost.download_s + r.cost.upload_s,
+               "bytes_down": r.cost.bytes_down, "bytes_up": r.cost.bytes_up if event != "drop" else 0,
+               "train_flops": r.flops, "energy_j": r.energy_j, "window": self.version}
+        row.update(dict(a.info))
+        row.update(extra)
+        return row
+
+    def _resolve(self, recs: list[Inflight], *, force: bool, evaluate: bool) -> dict | None:
+        """Hand finished records (already in order) to the aggregator; record every event."""
+        items, rows, pending = [], [], []
+        for r in recs:
+            c = r.task.assignment.client_id
+            self.busy[c] = False
+            if r.outcome != "update":
+                rows.append(self._row(r, r.outcome))
                 continue
-            items.append((h, [pref], self._expected(task, self.like)))
-            rows.append({**base, "event": "update", "examples": h.num_examples, "train_loss": h.train_loss,
-                         "bytes_up": h.bytes_up, "bytes_down": costs["bytes_down"],
-                         "train_flops": costs["train_flops"], "client_wall_s": h.wall_s})
-        res = ray.get(self.aggregator.receive.remote(items, True, (r + 1) % cfg.server.eval_every == 0
-                                                     or r + 1 == cfg.server.rounds))
-        reasons = dict(res["results"])
+            try:
+                h = ray.get(r.header_ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                    ray.exceptions.ActorUnavailableError) as e:  # the actor or its node is gone
+                rows.append(self._row(r, "drop", reason=type(e).__name__))
+                continue
+            if self.cfg.devices.mode == "real":
+                r.t_end = r.t_start + h.wall_s + r.cost.download_s + r.cost.upload_s + 2 * r.cost.latency_s
+            self.method.observe(h)
+            items.append((h, [r.payload_ref], self._expected(r.task)))
+            pending.append((r, h))
+        res = None
+        if items or force:
+            res = ray.get(self.aggregator.receive.remote(items, force, evaluate))
+            reasons = dict(res["results"])
+            for (r, h), s in zip(pending, res["staleness"]):
+                reason = reasons.get(r.dispatch_id)
+                rows.append(self._row(r, "reject" if reason else "update", reason=reason, staleness=s,
+                                      examples=h.num_examples, train_loss=h.train_loss, bytes_up=h.bytes_up,
+                                      client_wall_s=h.wall_s))
+            if res["aggregated"]:
+                self.version = res["version"]
+                self.model_ref = res["model_ref"][0]
+        rows.sort(key=lambda x: (x["virtual_s"], x["dispatch_id"]))
         for row in rows:
-            if row["event"] == "update" and reasons.get(row["dispatch_id"]) is not None:
-                row["event"], row["reason"] = "reject", reasons[row["dispatch_id"]]
-        return {"rows": rows, "result": res}
+            self._account(row)
+        return res
+
+    def _expected(self, task: Task) -> list[str]:
+        m = task.assignment.mask
+        return list(self.like) if m is None else [k for k, v in m.items() if v.any()]
+
+    def _account(self, row: dict) -> None:
+        tot = self.totals
+        row["wall_s"] = time.perf_counter() - self.t0
+        self.recorder.event(**row)
+        tot.bytes_down += row["bytes_down"]
+        tot.bytes_up += row["bytes_up"]
+        tot.train_flops += row["train_flops"]
+        tot.energy_j += row["energy_j"]
+        ev = row["event"]
+        tot.updates += ev == "update"
+        tot.dropped += ev == "drop"
+        tot.late += ev == "late"
+        tot.rejected += ev == "reject"
+
+    # ------------------------------------------------------------ schedules
+    def _wake_s(self) -> float:
+        return min(60.0, self.cfg.devices.availability_cycle_s / 10)
+
+    def _sync(self, on_aggregate) -> None:
+        cfg = self.cfg
+        t, r = 0.0, 0
+        while self.version < cfg.server.rounds and not self._out_of_time(t):
+            cand = self.available(t)
+            if len(cand) == 0:
+                t += self._wake_s()
+                continue
+            sel = self.method.select(seeding.rng(cfg.seed, "select", r), cand, cfg.server.clients_per_round)
+            recs = self._launch(sel, t, r, deadline_rule=self.method.deadline)
+            recs.sort()
+            res = self._resolve(recs, force=True, evaluate=self._eval_due())
+            t = max(x.t_end for x in recs)  # the round lasts as long as its slowest client (or the deadline)
+            on_aggregate(res, t, r)
+            r += 1
+
+    def _async(self, on_aggregate) -> None:
+        cfg = self.cfg
+        heap: list = []
+        interval = self.method.schedule == "interval"
+        t = 0.0
+        if interval:
+            heapq.heappush(heap, (self.method.interval_s(), -1, "tick", None))
+        conc = self.method.concurrency()
+        inflight = 0
+        draws = 0
+        waking = False
+
+        def refill(now):
+            nonlocal inflight, draws, waking
+            need = conc - inflight
+            if need <= 0:
+                return
+            cand = self.available(now)
+            if len(cand) == 0:
+                if not waking:
+                    heapq.heappush(heap, (now + self._wake_s(), -2, "wake", None))
+                    waking = True
+                return
+            sel = self.method.select(seeding.rng(cfg.seed, "select", draws), cand, need)
+            draws += 1
+            for rec in self._launch(sel, now, self.version):
+                heapq.heappush(heap, (rec.t_end, rec.dispatch_id, "end", rec))
+                inflight += 1
+
+        refill(t)
+        while self.version < cfg.server.rounds and heap:
+            t, _, kind, rec = heapq.heappop(heap)
+            if self._out_of_time(t):
+                break
+            if kind == "tick":
+                res = self._resolve([], force=True, evaluate=self._eval_due())
+                if res and res["aggregated"]:
+                    on_aggregate(res, t, self.version - 1)
+                heapq.heappush(heap, (t + self.method.interval_s(), -1, "tick", None))
+                continue
+            if kind == "wake":
+                waking = False
+            if kind == "end":
+                inflight -= 1
+                before = self.version
+                res = self._resolve([rec], force=False, evaluate=self._eval_due())
+                if res and res["aggregated"] and self.version > before:
+                    on_aggregate(res, t, self.version - 1)
+            refill(t)
+        # records still in flight at the end are abandoned (not counted as spent)
+
+    def _out_of_time(self, t: float) -> bool:
+        lim = self.cfg.server.max_virtual_s
+        return lim is not None and t >= lim
+
+    def _eval_due(self) -> bool:
+        nxt = self.version + 1
+        return nxt % self.cfg.server.eval_every == 0 or nxt >= self.cfg.server.rounds
 
     # ------------------------------------------------------------ main
     def run(self) -> dict:
         cfg = self.cfg
         t_setup = time.perf_counter()
         self._start()
-        t0 = time.perf_counter()
-        setup_s = t0 - t_setup
+        self.t0 = time.perf_counter()
+        setup_s = self.t0 - t_setup
         tot = self.totals
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.server.rounds, desc=f"{cfg.method.name} s{cfg.seed}", unit="round", dynamic_ncols=True)
-        best, last_acc, last_loss = -1.0, float("nan"), float("nan")
-        virtual_s = 0.0
-        rounds_done = 0
+            bar = tqdm(total=cfg.server.rounds, desc=f"{cfg.method.name} s{cfg.seed}", unit="agg", dynamic_ncols=True)
+        state = {"best": -1.0, "acc": float("nan"), "loss": float("nan"), "t": 0.0, "last_agg_t": 0.0,
+                 "target_s": None}
+        target = cfg.server.target_accuracy
+
+        def on_aggregate(res, t, rnd):
+            wall = time.perf_counter() - self.t0
+            state["t"] = t
+            self.recorder.event(event="aggregate", round=rnd, version=self.version, virtual_s=t, wall_s=wall,
+                                buffer=res.get("buffer", 0), fill_s=t - state["last_agg_t"])
+            state["last_agg_t"] = t
+            if "accuracy" in res:
+                acc, loss = res["accuracy"], res["loss"]
+                state["acc"], state["loss"], state["best"] = acc, loss, max(state["best"], acc)
+                if target is not None and state["target_s"] is None and acc >= target:
+                    state["target_s"] = t
+                self.recorder.event(event="eval", round=rnd, version=self.version, accuracy=acc, loss=loss,
+                                    wall_s=wall, virtual_s=t)
+                self.recorder.scalars(self.version, {
+                    "eval/accuracy": acc, "eval/loss": loss, "cost/bytes_up": tot.bytes_up,
+                    "cost/bytes_down": tot.bytes_down, "cost/train_flops": tot.train_flops,
+                    "cost/energy_j": tot.energy_j, "time/wall_s": wall, "time/virtual_s": t}, virtual_s=t)
+                if self.report is not None:
+                    self.report({"accuracy": acc, "loss": loss, "version": self.version, "virtual_s": t,
+                                 "wall_s": wall})
+            if bar is not None:
+                bar.set_postfix(acc=f"{state['acc']:.3f}", vt=f"{t:.0f}s")
+                bar.update(self.version - bar.n)
+
         try:
-            for r in range(cfg.server.rounds):
-                out = self._sync_round(r, virtual_s)
-                res = out["result"]
-                wall = time.perf_counter() - t0
-                for row in out["rows"]:
-                    row["wall_s"] = wall
-                    row["virtual_s"] = virtual_s
-                    self.recorder.event(**row)
-                    if row["event"] == "update":
-                        tot.updates += 1
-                        tot.bytes_up += row["bytes_up"]
-                        tot.bytes_down += row["bytes_down"]
-                        tot.train_flops += row["train_flops"]
-                    elif row["event"] == "drop":
-                        tot.dropped += 1
-                    elif row["event"] == "reject":
-                        tot.rejected += 1
-                if res["aggregated"]:
-                    self.version = res["version"]
-                    self.model_ref = res["model_ref"][0]
-                rounds_done = r + 1
-                if "accuracy" in res:
-                    last_acc, last_loss = res["accuracy"], res["loss"]
-                    best = max(best, last_acc)
-                    tot.history.append((self.version, virtual_s, wall, last_acc, last_loss))
-                    self.recorder.event(event="eval", round=r, version=self.version, accuracy=last_acc,
-                                        loss=last_loss, wall_s=wall, virtual_s=virtual_s)
-                    self.recorder.scalars(self.version, {
-                        "eval/accuracy": last_acc, "eval/loss": last_loss, "cost/bytes_up": tot.bytes_up,
-                        "cost/bytes_down": tot.bytes_down, "cost/train_flops": tot.train_flops,
-                        "time/wall_s": wall, "time/virtual_s": virtual_s}, virtual_s=virtual_s)
-                    if self.report is not None:
-                        self.report({"accuracy": last_acc, "loss": last_loss, "version": self.version,
-                                     "virtual_s": virtual_s, "wall_s": wall})
-                if bar is not None:
-                    bar.set_postfix(acc=f"{last_acc:.3f}")
-                    bar.update(1)
+            if self.method.schedule == "sync":
+                self._sync(on_aggregate)
+            else:
+                self._async(on_aggregate)
             params = ray.get(self.aggregator.params.remote())
             stats = ray.get(self.aggregator.stats.remote())
         finally:
             if bar is not None:
                 bar.close()
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - self.t0
         np.savez(self.run_dir / "model.npz", **{k: params[k] for k in sorted(params)})
+        table = self.recorder.table()
+        derived = definitions.summarize(table, slow_total=int(self.slow.sum()), target=target)
+        self.recorder.scalars(self.version, {"sdir/sdir": derived["sdir"]}, virtual_s=state["t"])
         summary = {
             "experiment": cfg.experiment, "method": cfg.method.name, "seed": cfg.seed,
-            "final_accuracy": last_acc, "best_accuracy": best, "final_loss": last_loss,
-            "rounds": rounds_done, "version": self.version, "wall_s": wall, "setup_s": setup_s,
-            "virtual_s": virtual_s, "bytes_up": tot.bytes_up, "bytes_down": tot.bytes_down,
-            "train_flops": tot.train_flops, "updates": tot.updates, "dropped": tot.dropped,
-            "rejected": tot.rejected, "rejected_by_reason": stats["rejected"], "model_puts": stats["puts"],
-            "model_sha256": model_digest(params), "run_dir": str(self.run_dir),
+            "final_accuracy": state["acc"], "best_accuracy": state["best"], "final_loss": state["loss"],
+            "rounds": self.version, "version": self.version, "wall_s": wall, "setup_s": setup_s,
+            "virtual_s": state["t"], "bytes_up": tot.bytes_up, "bytes_down": tot.bytes_down,
+            "train_flops": tot.train_flops, "energy_j": tot.energy_j, "updates": tot.updates,
+            "dropped": tot.dropped, "late": tot.late, "rejected": tot.rejected,
+            "rejected_by_reason": stats["rejected"], "model_puts": stats["puts"],
+            "model_sha256": model_digest(params), "run_dir": str(self.run_dir), **derived,
         }
+        if target is not None:
+            summary["target_accuracy"] = target
+            summary["time_to_target_s"] = state["target_s"]
         self.recorder.close(summary)
         self.shutdown()
         return summary
@@ -279,6 +497,8 @@ class Runner:
             ray.kill(a)
         if getattr(self, "aggregator", None) is not None:
             ray.kill(self.aggregator)
+        if getattr(self, "placement_group", None) is not None:
+            ray.util.remove_placement_group(self.placement_group)
         if getattr(self, "owns_ray", False):
             ray.shutdown()
 

@@ -34,11 +34,15 @@ class Entry:
 
 @dataclass(frozen=True)
 class Payload:
+    """Encoded tensors plus ``aux`` arrays a method asks clients to report
+    (e.g. PR-FL's accumulated squared gradients); both count as sent bytes."""
+
     entries: dict[str, Entry] = field(default_factory=dict)
+    aux: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+        return sum(e.nbytes for e in self.entries.values()) + sum(int(v.nbytes) for v in self.aux.values())
 
     def keys(self):
         return self.entries.keys()

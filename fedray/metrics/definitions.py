@@ -1,0 +1,61 @@
+"""Metric definitions shared by every method (computed from the event table).
+
+SDIR (slow-device inclusion ratio, ALGORITHMS.md): a device is *slow* when
+its speed factor is below 0.8. Each dispatch is resolved in an aggregation
+*window* (the model version the server had when the update arrived, was
+dropped or was discarded). Per window: the fraction of the slow devices'
+dispatches resolved there whose update was actually aggregated (event
+``update``; ``drop``, ``late`` and ``reject`` are not). SDIR is the mean over
+the windows that saw at least one slow dispatch, or 1.0 when no slow device
+was ever selected (nothing was excluded). ``slow_coverage`` is the mean over
+windows of the fraction of *all* slow devices that contributed in the window.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+
+RESOLVED = ("update", "drop", "late", "reject")
+
+
+def _col(df, name, default=None):
+    return df[name] if name in df.columns else default
+
+
+def sdir(df, slow_total: int) -> tuple[float, float]:
+    """(SDIR, slow coverage) from an event DataFrame with ``event, slow, window, client_id``."""
+    if "slow" not in df.columns or len(df) == 0:
+        return 1.0, 0.0
+    res = df[df["event"].isin(RESOLVED) & (df["slow"] == True)]  # noqa: E712
+    if len(res) == 0:
+        return 1.0, 0.0
+    g = res.groupby("window")
+    ratio = g.apply(lambda x: float((x["event"] == "update").mean()), include_groups=False)
+    cover = g.apply(lambda x: x.loc[x["event"] == "update", "client_id"].nunique(), include_groups=False)
+    coverage = float((cover / slow_total).mean()) if slow_total else 0.0
+    return float(ratio.mean()), coverage
+
+
+def summarize(table: pa.Table, *, slow_total: int, target: float | None = None) -> dict:
+    """Derived summary metrics: SDIR, participation by tier, staleness, FLOPs per accuracy point."""
+    df = table.to_pandas()
+    out: dict = {}
+    out["sdir"], out["slow_coverage"] = sdir(df, slow_total)
+    ups = df[df["event"] == "update"] if len(df) else df
+    if "tier" in df.columns and len(df):
+        disp = df[df["event"].isin(RESOLVED)].groupby("tier").size()
+        agg = ups.groupby("tier").size()
+        out["participation_by_tier"] = {str(t): {"dispatched": int(disp.get(t, 0)), "aggregated": int(agg.get(t, 0))}
+                                        for t in sorted(disp.index)}
+    if "staleness" in df.columns and len(ups):
+        s = ups["staleness"].dropna().astype(int)
+        out["staleness_hist"] = {str(k): int(v) for k, v in s.value_counts().sort_index().items()}
+        out["staleness_mean"] = float(s.mean()) if len(s) else 0.0
+    ev = df[df["event"] == "eval"] if len(df) else df
+    if len(ev):
+        best = float(ev["accuracy"].max())
+        flops = float(df["train_flops"].fillna(0).sum())
+        out["flops_per_accuracy_point"] = flops / (100 * best) if best > 0 else math.inf
+    return out
