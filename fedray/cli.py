@@ -32,11 +32,77 @@ def cmd_run(args) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, out_dir=args.out))
+    storage = _storage(args)
     s = run(cfg, progress=not args.quiet and cfg.runtime.progress)
     print(f"{cfg.method.name} seed {cfg.seed}: final accuracy {s['final_accuracy']:.4f} "
           f"(best {s['best_accuracy']:.4f}) after {s['rounds']} rounds, "
           f"wall {s['wall_s']:.1f}s (+{s['setup_s']:.1f}s setup), virtual {s['virtual_s']:.1f}s")
     print(f"logs: {s['run_dir']}  (tensorboard --logdir {Path(s['run_dir']).parent})")
+    if storage:
+        from fedray.storage import store_run
+
+        print(f"stored: {store_run(s['run_dir'], storage)}")
+    return 0
+
+
+def _storage(args) -> str | None:
+    """``--storage`` checked (and a local path made absolute) before any work starts."""
+    if not getattr(args, "storage", None):
+        return None
+    from fedray.storage import normalize
+
+    return normalize(args.storage)
+
+
+def cmd_tune(args) -> int:
+    from fedray import tune
+
+    spec = tune.load_spec(args.config, args.set)
+    res = tune.search(spec, storage=_storage(args), resume=args.resume, quiet=args.quiet)
+    print(f"search: {res['path']} ({res['finished']}/{res['trials']} trials finished, {res['errors']} errored)")
+    if res["interrupted"]:
+        print(f"interrupted; continue with: fedray tune {args.config} --resume", file=sys.stderr)
+        return 130
+    if res["best_path"] is None:
+        print("no trial reported a result; no best config written", file=sys.stderr)
+        return 1
+    vals = ", ".join(f"{k}={v!r}" for k, v in res["best_values"].items())
+    print(f"best {spec.metric} {res['best_metrics'][spec.metric]:.4f} with {vals}")
+    print(f"best config: {res['best_path']}  (fedray run {res['best_path']})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fedray import compare
+
+    plan = compare.plan(args.config, args.set, out=args.out)
+    res = compare.run(plan, progress=not args.quiet, storage=_storage(args))
+    print(res["report"]["table"], end="")
+    print(f"report: {res['report']['markdown']}  (tensorboard --logdir {plan.exp_dir})")
+    if res["stored"]:
+        print(f"stored: {res['stored']}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from fedray import submit
+
+    res = submit.submit(args.address, args.config, overrides=args.set, storage=args.storage, command=args.command,
+                        working_dir=args.working_dir, env_file=args.runtime_env, wait=not args.no_wait,
+                        resume=args.resume)
+    if res["status"] is None:
+        print(f"job {res['job_id']} submitted; follow with: ray job logs --address {args.address} -f {res['job_id']}")
+        return 0
+    print(f"job {res['job_id']} {res['status']}" + (f"; results in {res['storage']}" if res["storage"] else ""))
+    return 0 if res["status"] == "SUCCEEDED" else 1
+
+
+def cmd_report(args) -> int:
+    from fedray import report
+
+    res = report.write_report(args.runs_dir, args.out)
+    print(res["table"], end="")
+    print(f"report: {res['markdown']} ({res['runs']} runs)")
     return 0
 
 
@@ -48,7 +114,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     r.add_argument("--out", help="output folder (default runtime.out_dir)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--storage", help="also copy the run folder here (path or pyarrow.fs URI, e.g. s3://bucket/runs)")
     r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("tune", help="Ray Tune search over config fields (tune: section)")
+    t.add_argument("config", help="YAML config with a tune: section")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    t.add_argument("--storage", help="where the search lives (path or pyarrow.fs URI; default runtime.out_dir)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
+    t.add_argument("--quiet", action="store_true", help="no Tune status tables")
+    t.set_defaults(func=cmd_tune)
+
+    c = sub.add_parser("compare", help="methods x seeds on the same data, devices and seeds (compare: section)")
+    c.add_argument("config", help="YAML config with a compare: section")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    c.add_argument("--out", help="output folder (default runtime.out_dir)")
+    c.add_argument("--storage", help="also copy the experiment folder here (path or pyarrow.fs URI)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("submit", help="submit run/tune/compare to a Ray cluster as a Ray job")
+    s.add_argument("config", help="YAML config inside the working directory")
+    s.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    s.add_argument("--storage", help="where results go (path or pyarrow.fs URI); default for a head on this "
+                   "machine: this caller's runtime.out_dir")
+    s.add_argument("--command", choices=("run", "tune", "compare"), help="default: from the config's sections")
+    s.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
+    s.add_argument("--runtime-env", help="runtime-env YAML merged in (e.g. cluster/runtime_env.yaml)")
+    s.add_argument("--no-wait", action="store_true", help="return after submitting")
+    s.add_argument("--resume", action="store_true", help="tune: resume the search in --storage")
+    s.set_defaults(func=cmd_submit)
+
+    rp = sub.add_parser("report", help="rebuild the table and plots from run folders")
+    rp.add_argument("runs_dir", help="folder with <method>-s<seed>/ run folders (searched recursively)")
+    rp.add_argument("--out", help="report folder (default RUNS_DIR/report)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

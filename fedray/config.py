@@ -221,11 +221,16 @@ def _coerce(value, tp, path: str):
             raise ConfigError(path, f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(path, f"must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"must be a number, got {value!r}")
         if math.isnan(value):
             raise ConfigError(path, f"must be a number, got {value!r}")
-        return float(value)
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"must be a string, got {value!r}")

@@ -293,10 +293,14 @@ def plot(records: list[RunRecord], out: Path) -> list[Path]:
     return paths
 
 
-def write_report(root: str | Path, out: str | Path | None = None) -> dict:
+def write_report(root: str | Path, out: str | Path | None = None, *, only=None) -> dict:
     """Read every run folder under ``root`` and write ``report.md``, ``report.csv`` and the plots
-    into ``out`` (default ``<root>/report``). Returns the paths and the aggregated rows."""
+    into ``out`` (default ``<root>/report``). ``only`` (run folder paths) restricts the report to
+    those runs (``fedray compare`` passes its own). Returns the paths and the aggregated rows."""
     records = find_runs(root)
+    if only is not None:
+        keep = {Path(x).resolve() for x in only}
+        records = [r for r in records if r.path.resolve() in keep]
     if not records:
         raise DataError(f"no run folders (<method>-s<seed>/summary.json) under '{root}'")
     out = Path(out) if out is not None else Path(root) / "report"

@@ -15,7 +15,7 @@ import torch
 
 from fedray.aggregation import rules, validate
 from fedray.client.trainer import evaluate, load_params, resolve_device
-from fedray.submodel.encode import decode
+from fedray.submodel.encode import Payload, decode
 from fedray.update import Update
 
 
@@ -59,6 +59,8 @@ class AggregatorCore:
             self.rejected[reason] += 1
             return reason
         values, mask = decode(payload, {k: self.params[k].shape for k in payload.keys()})
+        if payload.aux:  # aux arrays (PR-FL's sq_grads) reach the method on the header
+            header = header.with_payload(Payload({}, dict(payload.aux)))
         self.pending.append((header, rules.Contribution(values, mask, float(header.num_examples))))
         return None
 
@@ -93,9 +95,17 @@ class AggregatorCore:
             aggregated = self.aggregate() or aggregated
         out = {"version": self.version, "aggregated": aggregated, "results": results, "staleness": staleness,
                "buffer": buffered, "rejected": dict(self.rejected)}
+        if aggregated:
+            published = self.public_state()
+            if published is not None:
+                out["method_state"] = published
         if aggregated and evaluate and self.evaluator is not None:
             out["accuracy"], out["loss"] = self.evaluator(self.params)
         return out
+
+    def public_state(self):
+        """What the method publishes to its driver-side instance (None: nothing new)."""
+        return self.method.public_state(self.params, self.version)
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
@@ -149,6 +159,9 @@ class AggregatorActor:
 
     def params(self) -> dict:
         return self.core.params
+
+    def public_state(self):
+        return self.core.public_state()
 
     def stats(self) -> dict:
         return {"version": self.core.version, "puts": self.puts, "applied": self.core.applied,

@@ -22,6 +22,10 @@ Conventions
   with the clock, overshoot included) is subtracted from the debt, which may go negative, so
   the total never drifts. ``flush()`` pays what is left at the end of the work.
 - ``speed >= 1`` never sleeps (busy time is still counted).
+- Known bias: work that resumes after a sleep runs slower for a while (cold caches, possibly
+  another core), and that slower busy time is scaled too. On the 2-core dev VM, separate 1x and
+  0.25x runs of small torch training steps measured ratios of ~4.0-4.5 (quiet box) and 2.5-6
+  when other processes loaded it; steps interleaved in one loop measure ~4.
 """
 from __future__ import annotations
 

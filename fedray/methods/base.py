@@ -18,6 +18,16 @@ Schedules (see :mod:`fedray.runtime.loop`):
   once; FedBuff: every K).
 - ``interval``: like ``async`` but the server aggregates whatever has
   arrived every :meth:`Method.interval_s` virtual seconds (FedFix, PR-FL).
+
+The driver-side and the aggregator-side instances are separate objects built
+from the same config. Information flows between them only through two
+explicit channels: the aggregator publishes :meth:`Method.public_state`
+(after each aggregation) and the loop passes it to the driver's
+:meth:`Method.sync_from_server`; the loop reports every evaluation to the
+driver's :meth:`Method.on_eval`. Entries given to :meth:`Method.aggregate`
+carry the update's ``payload.aux`` arrays (e.g. ``sq_grads/<key>``) on
+``header.payload.aux`` (a payload with aux only; the trained values are in the
+contribution).
 """
 from __future__ import annotations
 
@@ -51,6 +61,8 @@ class Assignment:
     hidden_scale: float | None = None  # HeteroFL scaler (outputs of hidden layers / beta while training)
     collect_sq_grads: bool = False  # report accumulated squared gradients (PR-FL importance)
     train_flops_per_example: int | None = None  # a physically smaller model's own cost (None: from the spec)
+    bytes_down: int | None = None  # predicted download bytes when not one encoding of download_mask (PR-FL residual split)
+    bytes_up: int | None = None  # predicted upload bytes when the mask is chosen by the client (CA-HFP)
     info: tuple = ()  # (name, value) pairs recorded with the dispatch (depth, density...)
 
 
@@ -83,6 +95,12 @@ class Method:
     def observe(self, header: Update) -> None:
         """Telemetry of a finished update, as the device reports it (adaptive methods)."""
 
+    def on_eval(self, accuracy: float, loss: float) -> None:
+        """Global test accuracy and loss after an evaluated aggregation (PR-FL's plateau monitor)."""
+
+    def sync_from_server(self, state: Mapping) -> None:
+        """Receive what the aggregator-side instance published with :meth:`public_state`."""
+
     def deadline(self, predicted_s: np.ndarray) -> float | None:
         """Sync rounds: seconds after the round start after which updates are dropped."""
         return None
@@ -106,6 +124,13 @@ class Method:
 
     def aggregate(self, global_params: Params, entries: list[Entry], version: int) -> Params:
         return rules.weighted_mean(global_params, [c for _, c in entries])
+
+    def public_state(self, global_params: Params, version: int) -> Mapping | None:
+        """Server side: small state the driver-side instance needs for planning (PR-FL's
+        importance scores, AutoFLIP's mask), or None when nothing changed. The aggregator
+        calls it once before the first dispatch and after every aggregation; the loop hands
+        a non-None result to the driver-side instance's :meth:`sync_from_server`."""
+        return None
 
     def state_dict(self) -> Mapping:
         """Server-side method state that must survive a checkpoint (none by default)."""

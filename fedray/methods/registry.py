@@ -8,7 +8,9 @@ from fedray.errors import ConfigError
 METHODS: dict[str, type] = {}
 
 # modules imported on first lookup (one small module per method)
-_MODULES = ("fedray.methods.fedavg",)
+_MODULES = ("fedray.methods.fedavg", "fedray.methods.deadline", "fedray.methods.fedasync",
+            "fedray.methods.fedbuff", "fedray.methods.fedfix", "fedray.methods.heterofl",
+            "fedray.methods.clamp", "fedray.methods.prfl", "fedray.methods.cahfp", "fedray.methods.autoflip")
 
 
 def register(cls):

@@ -156,6 +156,9 @@ class Runner:
         self.aggregator = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
             cfg, s.params, test_ref, ds.input_shape, ds.num_classes, s.spec)
         self.model_ref = ray.get(self.aggregator.model_ref.remote())[0]
+        published = ray.get(self.aggregator.public_state.remote())
+        if published is not None:
+            self.method.sync_from_server(published)
         self.version = 0
         self.next_dispatch = 0
         self.like = s.params  # shapes and dtypes of the global model
@@ -207,11 +210,12 @@ class Runner:
         # a physically smaller model (CA-HFP) carries its own per-example FLOPs
         flops = (a.train_flops_per_example * examples if a.train_flops_per_example is not None
                  else spec.train_flops(trained, examples))
-        up = payload_nbytes(self.like, a.mask)
+        up = payload_nbytes(self.like, a.mask) if a.bytes_up is None else a.bytes_up
         if a.collect_sq_grads:  # dense squared gradients of the trained parameters travel as aux arrays
             keys = a.trainable if a.trainable is not None else (a.mask.keys() if a.mask is not None else self.like)
             up += payload_nbytes({k: self.like[k] for k in keys if k in spec.param_keys})
-        return {"train_flops": int(flops), "bytes_down": payload_nbytes(self.like, a.download_mask), "bytes_up": up}
+        down = payload_nbytes(self.like, a.download_mask) if a.bytes_down is None else a.bytes_down
+        return {"train_flops": int(flops), "bytes_down": down, "bytes_up": up}
 
     def _launch(self, clients, t: float, rnd: int, deadline_rule=None) -> list[Inflight]:
         """Plan, cost and dispatch ``clients`` at virtual time ``t``; returns their records."""
@@ -317,6 +321,8 @@ class Runner:
             if res["aggregated"]:
                 self.version = res["version"]
                 self.model_ref = res["model_ref"][0]
+                if res.get("method_state") is not None:
+                    self.method.sync_from_server(res["method_state"])
         rows.sort(key=lambda x: (x["virtual_s"], x["dispatch_id"]))
         for row in rows:
             self._account(row)
@@ -445,6 +451,7 @@ class Runner:
             if "accuracy" in res:
                 acc, loss = res["accuracy"], res["loss"]
                 state["acc"], state["loss"], state["best"] = acc, loss, max(state["best"], acc)
+                self.method.on_eval(acc, loss)
                 if target is not None and state["target_s"] is None and acc >= target:
                     state["target_s"] = t
                 self.recorder.event(event="eval", round=rnd, version=self.version, accuracy=acc, loss=loss,

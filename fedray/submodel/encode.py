@@ -69,7 +69,7 @@ def encode_tensor(values: np.ndarray, m: np.ndarray | None) -> Entry | None:
     """Encode one tensor under its boolean mask (None = fully trained)."""
     values = np.asarray(values)
     if m is None or m.all():
-        return Entry("dense", np.ascontiguousarray(values))
+        return Entry("dense", np.asarray(values, order="C"))  # keeps 0-d shapes (ascontiguousarray makes them 1-d)
     n = int(m.sum())
     if n == 0:
         return None
@@ -90,7 +90,7 @@ def encode(params: Mapping[str, np.ndarray], mask: Mask | None = None) -> Payloa
     are sent, each in its smallest exact form.
     """
     if mask is None:
-        return Payload({k: Entry("dense", np.ascontiguousarray(np.asarray(v))) for k, v in params.items()})
+        return Payload({k: Entry("dense", np.asarray(v, order="C")) for k, v in params.items()})
     out = {}
     for k, m in mask.items():
         e = encode_tensor(params[k], m)

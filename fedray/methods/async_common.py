@@ -1,0 +1,87 @@
+"""Pieces shared by the asynchronous methods (FedAsync, FedBuff, FedFix).
+
+:class:`AsyncParams` holds the ``method:`` fields every asynchronous method
+has: the staleness function (a name of
+:data:`fedray.aggregation.staleness.STALENESS` plus its parameters ``a`` and
+``b``), the number of clients in flight and the maximum-staleness cutoff.
+:func:`staleness_fn` binds them through :func:`fedray.aggregation.staleness.get`
+(the one way to pick a staleness function) and reports a bad combination as a
+``ConfigError`` naming the ``method.*`` field. :class:`AsyncMethod` answers the
+driver's ``concurrency()`` / ``max_staleness()`` hooks from those fields.
+
+Staleness of an update is ``tau = v - v_i``: the server version at
+aggregation minus the version the client started from.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from fedray.aggregation import staleness
+from fedray.config import NONNEG, POS, _f
+from fedray.errors import ConfigError
+from fedray.methods.base import Method
+
+__all__ = ["AsyncParams", "AsyncMethod", "staleness_fn"]
+
+
+def staleness_fn(params) -> Callable:
+    """``s(tau)`` for ``params.staleness`` with ``params.a`` / ``params.b`` bound
+    (``None``: the function's own default). Raises ``ConfigError`` naming the field."""
+    name = params.staleness
+    fn = staleness.STALENESS.get(name)
+    if fn is None:
+        raise ConfigError("method.staleness", f"must be one of {', '.join(staleness.STALENESS)}, got {name!r}")
+    allowed = [p for p in inspect.signature(fn).parameters if p != "s"]
+    bound = {}
+    for key in ("a", "b"):
+        value = getattr(params, key)
+        if value is None:
+            continue
+        if key not in allowed:
+            takes = ", ".join(allowed) if allowed else "no parameters"
+            raise ConfigError(f"method.{key}", f"staleness {name!r} has no parameter {key!r} (it takes {takes})")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"method.{key}", f"must be a finite number >= 0, got {value!r}")
+        bound[key] = float(value)
+    try:
+        return staleness.get(name, **bound)
+    except ConfigError as e:  # re-anchor the field path under method:
+        raise ConfigError("method.staleness", e.message) from None
+
+
+@dataclass(frozen=True)
+class AsyncParams:
+    staleness: str = _f("polynomial", choices=tuple(staleness.STALENESS),
+                        doc="staleness weight s(tau): constant, polynomial, hinge, inv_sqrt, prfl")
+    a: float | None = _f(None, check=NONNEG,
+                         doc="staleness parameter a (polynomial/prfl exponent, hinge slope); null: default")
+    b: float | None = _f(None, check=NONNEG, doc="hinge: staleness up to which the weight is 1; null: default")
+    concurrency: int | None = _f(None, check=POS, doc="clients in flight (null: server.clients_per_round)")
+    max_staleness: int | None = _f(None, check=NONNEG, doc="reject updates staler than this (null: no cutoff)")
+
+    def __post_init__(self):
+        staleness_fn(self)  # validates the name / parameter combination
+
+
+class AsyncMethod(Method):
+    """Base of the asynchronous methods: ``self.weight_of(tau)`` is the bound staleness function."""
+
+    Params = AsyncParams
+
+    def __init__(self, cfg, spec=None):
+        super().__init__(cfg, spec)
+        self.weight_of = staleness_fn(self.params)
+
+    def concurrency(self) -> int:
+        c = self.params.concurrency
+        return int(c) if c is not None else self.cfg.server.clients_per_round
+
+    def max_staleness(self) -> int | None:
+        return self.params.max_staleness
+
+    def staleness_weight(self, version: int, base_version: int) -> float:
+        """``s(v - v_i)``."""
+        return float(self.weight_of(version - base_version))

@@ -1,0 +1,176 @@
+"""HeteroFL (Diao et al. 2021): width-sliced submodels by device capability.
+
+Driver side. Each client gets a width ratio ``beta`` from ``ratios``
+(default ``1, 1/2, 1/4, 1/8, 1/16``), fixed for the whole run:
+
+- ``assign: speed`` (default): clients are ranked by device speed (fastest
+  first, ties by client id) and split into ``len(ratios)`` consecutive groups,
+  of equal size by default or of the sizes given by ``proportions``
+  (fractions, largest ratio first); the fastest group trains the widest model.
+  The device profiles are rebuilt here from the same config and seed as the
+  driver loop's (:func:`fedray.devices.profile.build_population`), so they are
+  the same profiles.
+- ``assign: tier``: ``tier_ratios`` maps every device tier name to its ratio.
+
+The client trains the physically smaller model ``width_keep(spec, beta)``
+(the first ``ceil(beta C)`` channels of every prunable layer, inputs and
+outputs) with hidden-layer outputs scaled by ``1/beta`` during training
+(HeteroFL's scaler, ``hidden_scale = beta``); it downloads and sends exactly
+that slice (``mask = download_mask =`` the slice's mask). Training FLOPs are
+those of the compact model.
+
+Server side: masked mean per coordinate over the clients whose slice covers it
+(:func:`fedray.aggregation.rules.width_sliced_mean`); coordinates nobody
+covered keep their value. ``weight: examples`` (default) weights client ``i``
+by ``n_i`` like every other method here; ``weight: count`` gives each client
+weight 1, as the original HeteroFL code does.
+
+Batch norm ("static BN", ``bn_stats: static``, default): running statistics
+(``running_mean``, ``running_var``, ``num_batches_tracked``) are never
+aggregated; the global model keeps its own values (clients normalise with
+batch statistics while training). The paper recomputes global statistics by
+a pass over client data after training; we do not, so for models with
+BatchNorm the global evaluation uses the initial statistics. ``bn_stats: mean``
+averages them (masked mean) instead. Clients still send these buffers (a few
+bytes per channel); the server ignores them under ``static``.
+
+Schedule: synchronous rounds, as in the paper.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedray import config as C
+from fedray import seeding
+from fedray.aggregation import rules
+from fedray.config import UNIT_POS, _f
+from fedray.errors import ConfigError
+from fedray.methods.base import Assignment, Method
+from fedray.methods.registry import register
+from fedray.submodel.width import width_submodel
+
+DEFAULT_RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def speed_ratios(speeds, ratios, proportions=None) -> np.ndarray:
+    """Ratio per client: rank by speed (fastest first, ties by id), split into groups.
+
+    ``ratios`` is sorted descending; group ``j`` (the ``j``-th fastest) gets
+    ``ratios[j]``. Group sizes: equal (``np.array_split``) or
+    ``round(p_j * n)`` with the rounding remainder added to the last groups'
+    boundaries (cumulative rounding, so sizes sum to ``n``).
+    """
+    speeds = np.asarray(speeds, dtype=np.float64)
+    n = len(speeds)
+    rs = sorted((float(r) for r in ratios), reverse=True)
+    order = np.lexsort((np.arange(n), -speeds))
+    if proportions is None:
+        groups = np.array_split(order, len(rs))
+    else:
+        bounds = np.rint(np.cumsum(proportions) * n).astype(int)
+        bounds[-1] = n
+        groups = np.split(order, bounds[:-1])
+    out = np.empty(n, dtype=np.float64)
+    for r, g in zip(rs, groups):
+        out[g] = r
+    return out
+
+
+@register
+class HeteroFL(Method):
+    name = "heterofl"
+    schedule = "sync"
+
+    @dataclass(frozen=True)
+    class Params:
+        ratios: tuple[float, ...] = _f(DEFAULT_RATIOS, check=UNIT_POS, doc="width ratios beta")
+        assign: str = _f("speed", choices=("speed", "tier"), doc="how a client gets its ratio")
+        proportions: tuple[float, ...] | None = _f(None, check=UNIT_POS,
+                                                   doc="speed: fraction of clients per ratio (largest first)")
+        tier_ratios: dict = _f(factory=dict, doc="tier: {tier name: ratio}")
+        weight: str = _f("examples", choices=("examples", "count"), doc="masked-mean weight per client")
+        bn_stats: str = _f("static", choices=("static", "mean"), doc="BatchNorm running statistics")
+
+        def __post_init__(self):
+            if not self.ratios:
+                raise ConfigError("method.ratios", "needs at least one ratio")
+            if len(set(self.ratios)) != len(self.ratios):
+                raise ConfigError("method.ratios", f"ratios must be distinct, got {list(self.ratios)}")
+            for r in self.ratios:
+                if not 0 < r <= 1:
+                    raise ConfigError("method.ratios", f"must be in (0, 1], got {r!r}")
+            if self.proportions is not None:
+                if len(self.proportions) != len(self.ratios):
+                    raise ConfigError("method.proportions", f"needs one fraction per ratio ({len(self.ratios)}), "
+                                                            f"got {len(self.proportions)}")
+                if not math.isclose(sum(self.proportions), 1.0, abs_tol=1e-6):
+                    raise ConfigError("method.proportions", f"fractions must sum to 1, got {sum(self.proportions):g}")
+            for tier, r in self.tier_ratios.items():
+                if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                    raise ConfigError(f"method.tier_ratios.{tier}", f"must be a ratio in (0, 1], got {r!r}")
+            if self.assign == "tier" and not self.tier_ratios:
+                raise ConfigError("method.tier_ratios", "assign: tier needs a {tier name: ratio} mapping")
+
+    def __init__(self, cfg, spec=None):
+        super().__init__(cfg, spec)
+        if spec is None:
+            raise ValueError("heterofl needs the model spec")
+        self._ratio_of: np.ndarray | None = None
+        self._slices: dict[float, tuple] = {}
+        self._stat_keys = frozenset(spec.buffer_keys)
+
+    # ------------------------------------------------------------ driver
+    def _profiles(self):
+        from fedray.devices.profile import build_population
+
+        cfg = self.cfg
+        return build_population(cfg.data.num_clients, C.population(cfg.devices), seeding.derive(cfg.seed, "devices"))
+
+    def ratios_by_client(self) -> np.ndarray:
+        """Width ratio of every client id (computed once)."""
+        if self._ratio_of is None:
+            profiles = self._profiles()
+            p = self.params
+            if p.assign == "speed":
+                self._ratio_of = speed_ratios([q.speed for q in profiles], p.ratios, p.proportions)
+            else:
+                missing = sorted({q.tier for q in profiles} - set(p.tier_ratios))
+                if missing:
+                    raise ConfigError("method.tier_ratios", f"no ratio for device tier(s) {', '.join(missing)}")
+                self._ratio_of = np.array([float(p.tier_ratios[q.tier]) for q in profiles])
+        return self._ratio_of
+
+    def ratio(self, client_id: int) -> float:
+        return float(self.ratios_by_client()[int(client_id)])
+
+    def submodel(self, ratio: float) -> tuple[dict, dict, int]:
+        """``(keep, mask, train FLOPs per example)`` of the width-``ratio`` slice (cached)."""
+        if ratio not in self._slices:
+            from fedray.models.spec import build_compact, model_spec
+
+            spec, m = self.spec, self.cfg.model
+            like = {k: np.zeros(s, np.float32) for k, s in spec.shapes.items()}
+            keep, mask = width_submodel(spec, like, ratio)
+            compact = build_compact(m.name, spec.input_shape, spec.layers[-1].out, m.options, spec, keep)
+            cspec = model_spec(compact, spec.input_shape)
+            self._slices[ratio] = (keep, mask, cspec.train_flops(cspec.layer_names, 1))
+        return self._slices[ratio]
+
+    def plan(self, client_id: int, version: int) -> Assignment:
+        r = self.ratio(client_id)
+        keep, mask, flops = self.submodel(r)
+        return Assignment(client_id=int(client_id), mask=mask, download_mask=mask, keep=keep, hidden_scale=r,
+                          train_flops_per_example=flops, info=(("width", r),))
+
+    # ------------------------------------------------------------ server
+    def aggregate(self, global_params, entries, version):
+        count = self.params.weight == "count"
+        static = self.params.bn_stats == "static"
+        contribs = []
+        for _, c in entries:
+            mask = {k: m for k, m in c.mask.items() if not (static and k in self._stat_keys)}
+            contribs.append(rules.Contribution(c.values, mask, 1.0 if count else c.weight))
+        return rules.width_sliced_mean(global_params, contribs)

@@ -1,0 +1,421 @@
+"""``fedray tune CONFIG``: a Ray Tune search over any config field.
+
+A tune config is a normal experiment config plus a ``tune:`` section::
+
+    tune:
+      metric: accuracy          # accuracy (max) or loss (min), as reported after each evaluation
+      mode: max
+      num_samples: 4            # samples of the random domains; grids are crossed with it (Tune's rule)
+      max_concurrent_trials: 2  # optional
+      driver_cpus: 0.5          # CPUs of the trial's driver loop (the first placement-group bundle)
+      scheduler: {name: asha, time_attr: version, max_t: 20, grace_period: 2, reduction_factor: 2}
+      space:
+        method.rho: {grid: [0.3, 0.5, 0.7]}
+        train.lr: {loguniform: [0.001, 0.1]}
+        server.clients_per_round: {choice: [5, 10]}
+        train.local_epochs: {randint: [1, 4]}       # upper bound exclusive
+        train.momentum: {uniform: [0.0, 0.9]}
+
+Conventions:
+
+- Every key of ``space`` is a dotted config field path (``method.<param>`` for
+  method parameters). Before anything runs, the base config is built with
+  each candidate (every grid/choice value, both bounds of a range) so an unknown
+  field or an out-of-range bound is one ``config error: tune.space.<key>: ...``
+  line.
+- ``--set`` overrides apply to the whole file (``--set tune.num_samples=2``
+  works too).
+- A trial is one :class:`fedray.runtime.loop.Runner` run. Its resources are a
+  ``PlacementGroupFactory``: bundle 0 = the driver loop (``driver_cpus``), one
+  bundle for the aggregator when ``cluster.aggregator_cpus > 0``, and one per
+  client actor with its ``cluster.client_actor`` resources (CPU, GPU, memory,
+  custom resources). Tune captures child actors in the trial's placement group,
+  so the run's actors are scheduled inside it.
+- Trials report ``accuracy, loss, version, virtual_s, wall_s`` after each
+  evaluation (``tune.report``); ASHA's ``time_attr`` is one of ``version``,
+  ``virtual_s``, ``wall_s``, ``training_iteration``.
+- Output: the Tune experiment at ``<storage>/<experiment>/tune`` where storage
+  is ``--storage`` (a path or any ``pyarrow.fs`` URI) or ``runtime.out_dir``.
+  Each trial folder holds ``run/`` (the run folder of a normal run, with its
+  TensorBoard logs) next to Tune's own result files. ``best.yaml`` (the base
+  config with the best trial's values; runnable with ``fedray run``) and
+  ``results.csv`` are written into the experiment folder.
+- Best trial: best ``metric`` at the trial's last report (``scope="last"``).
+- Resume: ``--resume`` restores the experiment with ``Tuner.restore``; finished
+  trials are kept, unfinished ones restart from their beginning (runs are not
+  checkpointed mid-way).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fedray import config as C
+from fedray import storage as S
+from fedray.errors import ConfigError
+
+SECTION = "tune"
+KNOWN_KEYS = ("metric", "mode", "num_samples", "max_concurrent_trials", "driver_cpus", "scheduler", "space")
+METRICS = {"accuracy": "max", "loss": "min"}
+TIME_ATTRS = ("version", "virtual_s", "wall_s", "training_iteration")
+DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+SCHEDULER_KEYS = ("name", "time_attr", "max_t", "grace_period", "reduction_factor")
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str = "asha"  # asha | fifo
+    time_attr: str = "version"
+    max_t: float = 100
+    grace_period: float = 1
+    reduction_factor: float = 2
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    base: dict  # raw experiment mapping (tune section removed, overrides applied)
+    cfg: C.ExperimentConfig  # the base, validated
+    space: dict  # field path -> (domain kind, tuple of args)
+    metric: str = "accuracy"
+    mode: str = "max"
+    num_samples: int = 1
+    max_concurrent_trials: int | None = None
+    driver_cpus: float = 0.5
+    scheduler: SchedulerSpec | None = None
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+
+def _number(v, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(where, f"must be a finite number, got {v!r}")
+    return v
+
+
+def parse_domain(key: str, spec) -> tuple[str, tuple]:
+    """``{grid: [...]}`` / ``{choice: [...]}`` / ``{uniform|loguniform|randint: [lo, hi]}`` -> (kind, args)."""
+    where = f"tune.space.{key}"
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise ConfigError(where, f"must be one of {{{', '.join(f'{d}: ...' for d in DOMAINS)}}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind not in DOMAINS:
+        raise ConfigError(where, f"unknown domain {kind!r} (known: {', '.join(DOMAINS)})")
+    if not isinstance(args, (list, tuple)) or not args:
+        raise ConfigError(f"{where}.{kind}", f"must be a non-empty list, got {args!r}")
+    if kind in ("grid", "choice"):
+        return kind, tuple(args)
+    if len(args) != 2:
+        raise ConfigError(f"{where}.{kind}", f"must be [low, high], got {args!r}")
+    lo, hi = (_number(a, f"{where}.{kind}") for a in args)
+    if not lo < hi:
+        raise ConfigError(f"{where}.{kind}", f"low must be < high, got {list(args)}")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{where}.{kind}", f"bounds must be > 0, got {list(args)}")
+    if kind == "randint" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise ConfigError(f"{where}.{kind}", f"bounds must be integers, got {list(args)}")
+    if kind == "randint":
+        return kind, (int(lo), int(hi))
+    return kind, (float(lo), float(hi))
+
+
+def candidates(kind: str, args: tuple) -> list:
+    """The values validated up front: every listed value, or both ends of a range (randint: hi-1)."""
+    if kind in ("grid", "choice"):
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return [args[0], args[1]]
+
+
+def with_values(base: Mapping, values: Mapping[str, Any]) -> dict:
+    raw = copy.deepcopy(dict(base))
+    for k, v in values.items():
+        C.set_path(raw, k, _plain(v))
+    return raw
+
+
+def _plain(v):
+    """numpy scalars (as Tune samples them) -> Python scalars, so configs and YAML stay plain."""
+    if hasattr(v, "item") and not isinstance(v, (list, tuple, dict, str)):
+        return v.item()
+    return v
+
+
+def check_space(base: Mapping, space: Mapping[str, tuple]) -> None:
+    """Build the config with every candidate value of every key; one ConfigError line on failure."""
+    for key, (kind, args) in space.items():
+        for v in candidates(kind, args):
+            try:
+                C.from_dict(with_values(base, {key: v}))
+            except ConfigError as e:
+                if "unknown key" in e.message:
+                    detail = f"not a config field ({e.field}: {e.message})"
+                else:
+                    detail = e.message if e.field == key else f"{e.field}: {e.message}"
+                raise ConfigError(f"tune.space.{key}", detail) from None
+
+
+def _scheduler(raw) -> SchedulerSpec | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("tune.scheduler", f"must be a mapping, got {raw!r}")
+    for k in raw:
+        if k not in SCHEDULER_KEYS:
+            raise ConfigError(f"tune.scheduler.{k}", f"unknown key (known: {', '.join(SCHEDULER_KEYS)})")
+    name = raw.get("name", "asha")
+    if name not in ("asha", "fifo"):
+        raise ConfigError("tune.scheduler.name", f"must be one of asha, fifo, got {name!r}")
+    if name == "fifo":
+        return None
+    s = SchedulerSpec()
+    t = raw.get("time_attr", s.time_attr)
+    if t not in TIME_ATTRS:
+        raise ConfigError("tune.scheduler.time_attr", f"must be one of {', '.join(TIME_ATTRS)}, got {t!r}")
+    vals = {}
+    for k in ("max_t", "grace_period", "reduction_factor"):
+        v = _number(raw.get(k, getattr(s, k)), f"tune.scheduler.{k}")
+        if v <= 0:
+            raise ConfigError(f"tune.scheduler.{k}", f"must be > 0, got {v!r}")
+        vals[k] = v
+    if vals["reduction_factor"] <= 1:
+        raise ConfigError("tune.scheduler.reduction_factor", f"must be > 1, got {vals['reduction_factor']!r}")
+    if vals["grace_period"] > vals["max_t"]:
+        raise ConfigError("tune.scheduler.grace_period", f"must be <= max_t ({vals['max_t']}), got {vals['grace_period']}")
+    return SchedulerSpec(name, t, **vals)
+
+
+def load_spec(path: str | Path, overrides=()) -> TuneSpec:
+    """Read and validate a tune config (base config, tune section, search space)."""
+    from fedray.compare import split_sections
+
+    base, sec = split_sections(path, overrides, SECTION)
+    if sec is None:
+        raise ConfigError("tune", f"'{path}' has no tune: section (space, metric, scheduler)")
+    if not isinstance(sec, Mapping):
+        raise ConfigError("tune", f"must be a mapping, got {sec!r}")
+    for k in sec:
+        if k not in KNOWN_KEYS:
+            raise ConfigError(f"tune.{k}", f"unknown key (known: {', '.join(KNOWN_KEYS)})")
+    cfg = C.from_dict(base)
+    metric = sec.get("metric", "accuracy")
+    if metric not in METRICS:
+        raise ConfigError("tune.metric", f"must be one of {', '.join(METRICS)}, got {metric!r}")
+    mode = sec.get("mode", METRICS[metric])
+    if mode not in ("max", "min"):
+        raise ConfigError("tune.mode", f"must be max or min, got {mode!r}")
+    n = sec.get("num_samples", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError("tune.num_samples", f"must be an integer >= 1, got {n!r}")
+    mc = sec.get("max_concurrent_trials")
+    if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+        raise ConfigError("tune.max_concurrent_trials", f"must be an integer >= 1, got {mc!r}")
+    dc = _number(sec.get("driver_cpus", 0.5), "tune.driver_cpus")
+    if dc <= 0:
+        raise ConfigError("tune.driver_cpus", f"must be > 0, got {dc!r}")
+    raw_space = sec.get("space")
+    if not isinstance(raw_space, Mapping) or not raw_space:
+        raise ConfigError("tune.space", "must map config field paths to domains and not be empty")
+    space = {str(k): parse_domain(str(k), v) for k, v in raw_space.items()}
+    check_space(base, space)
+    return TuneSpec(base=base, cfg=cfg, space=space, metric=metric, mode=mode, num_samples=n,
+                    max_concurrent_trials=mc, driver_cpus=float(dc), scheduler=_scheduler(sec.get("scheduler")))
+
+
+# ---------------------------------------------------------------- Ray Tune pieces
+
+
+def param_space(spec: TuneSpec) -> dict:
+    """The Tune ``param_space``: flat, keyed by field path."""
+    from ray import tune
+
+    make = {"grid": lambda a: tune.grid_search(list(a)), "choice": lambda a: tune.choice(list(a)),
+            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a)}
+    return {k: make[kind](args) for k, (kind, args) in spec.space.items()}
+
+
+def bundles(cfg: C.ExperimentConfig, driver_cpus: float) -> list[dict]:
+    """Placement-group bundles of one trial: driver, aggregator (if it asks for CPUs), client actors."""
+    from fedray.runtime.cluster import actor_options
+
+    out = [{"CPU": float(driver_cpus)}]
+    if cfg.cluster.aggregator_cpus > 0:
+        out.append({"CPU": float(cfg.cluster.aggregator_cpus)})
+    o = actor_options(cfg.cluster.client_actor)
+    b = {"CPU": float(o.get("num_cpus") or 0), "GPU": float(o.get("num_gpus") or 0)}
+    if o.get("memory"):
+        b["memory"] = float(o["memory"])
+    b.update({k: float(v) for k, v in (o.get("resources") or {}).items()})
+    b = {k: v for k, v in b.items() if v > 0}
+    if b:
+        out += [dict(b) for _ in range(cfg.cluster.num_client_actors)]
+    return out
+
+
+def trial_base(spec: TuneSpec) -> dict:
+    """The base mapping trials start from: local paths made absolute (trials run in their own folder)."""
+    base = copy.deepcopy(spec.base)
+    data = base.setdefault("data", {})
+    data["cache_dir"] = str(Path(spec.cfg.data.cache_dir).resolve())
+    if spec.cfg.data.root is not None:
+        data["root"] = str(Path(spec.cfg.data.root).resolve())
+    return base
+
+
+SUMMARY_METRICS = ("final_accuracy", "best_accuracy", "bytes_up", "bytes_down", "train_flops", "sdir", "energy_j",
+                   "time_to_target_s")
+
+
+class DeferredReport:
+    """Reports each evaluation to Tune one evaluation late, and the last one after the run has
+    written its folder, together with the run's summary numbers.
+
+    Why: Tune may stop a trial right after the report that reaches the scheduler's ``max_t``
+    (or when ASHA cuts it); reporting the last evaluation only after ``Runner.run`` returned
+    guarantees that a trial which runs to its end has its complete run folder (summary.json,
+    metrics.parquet, model.npz) synced to storage. ASHA therefore decides one evaluation later
+    than it could.
+    """
+
+    def __init__(self, report):
+        self._report = report
+        self.pending: dict | None = None
+
+    def __call__(self, metrics: dict) -> None:
+        if self.pending is not None:
+            self._report(self.pending)
+        self.pending = dict(metrics)
+
+    def finish(self, summary: dict) -> None:
+        final = dict(self.pending or {"accuracy": summary.get("final_accuracy"), "loss": summary.get("final_loss"),
+                                      "version": summary.get("version"), "virtual_s": summary.get("virtual_s"),
+                                      "wall_s": summary.get("wall_s")})
+        for k in SUMMARY_METRICS:
+            v = summary.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                final[k] = v
+        self.pending = None
+        self._report(final)
+
+
+def make_trainable(spec: TuneSpec):
+    """A function trainable with its placement-group resources."""
+    from ray import tune
+    from ray.tune import PlacementGroupFactory
+
+    base = trial_base(spec)
+
+    def fedray_trial(config):
+        from ray import tune as _tune
+
+        from fedray.runtime.loop import Runner
+
+        cfg = C.from_dict(with_values(base, config))
+        cfg = replace(cfg, runtime=replace(cfg.runtime, progress=False))
+        rep = DeferredReport(_tune.report)
+        runner = Runner(cfg, run_dir=Path.cwd() / "run", progress=False, report=rep)
+        try:
+            summary = runner.run()
+        except BaseException:
+            runner.shutdown()
+            raise
+        rep.finish(summary)
+
+    return tune.with_resources(fedray_trial, PlacementGroupFactory(bundles(spec.cfg, spec.driver_cpus)))
+
+
+def experiment_path(spec: TuneSpec, storage: str | None = None) -> str:
+    root = S.normalize(storage) if storage else str(Path(spec.cfg.runtime.out_dir).resolve())
+    return S.join(root, spec.cfg.experiment, SECTION)
+
+
+def best_yaml(spec: TuneSpec, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """Runnable YAML: the base config with the best values set (validated before it is returned)."""
+    raw = with_values(spec.base, values)
+    C.from_dict(raw)
+    got = metrics.get(spec.metric)
+    head = [f"# best trial of the fedray tune search on experiment {spec.cfg.experiment!r}",
+            f"# {spec.metric} ({spec.mode}) = {got}",
+            *[f"#   {k} = {_plain(v)!r}" for k, v in values.items()], ""]
+    return "\n".join(head) + yaml.safe_dump(raw, sort_keys=False)
+
+
+def _write_text(dest: str, text: str) -> None:
+    fs, path = S.resolve(dest)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, quiet: bool = False) -> dict:
+    """Run (or resume) the search. Returns ``{"path", "best_path", "best_values", "best_metrics",
+    "trials", "finished", "interrupted"}``; on interruption no best config is written."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from fedray.runtime import cluster
+
+    path = experiment_path(spec, storage)
+    exists = tune.Tuner.can_restore(path)
+    if resume and not exists:
+        raise ConfigError("--resume", f"no search to resume at '{path}'")
+    if not resume and exists:
+        raise ConfigError("tune", f"a search already exists at '{path}'; pass --resume to continue it "
+                          "or remove that folder")
+    trainable = make_trainable(spec)
+    owns = cluster.connect(spec.cfg.cluster)
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            sched = None
+            if spec.scheduler is not None:
+                s = spec.scheduler
+                sched = ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
+                                      reduction_factor=s.reduction_factor)
+            parent, name = path.rsplit("/", 1)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(spec),
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                            max_concurrent_trials=spec.max_concurrent_trials, scheduler=sched),
+                run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0 if quiet else 1,
+                                          sync_config=tune.SyncConfig(sync_artifacts=True)),
+            )
+        grid = tuner.fit()
+    finally:
+        if owns and ray.is_initialized():
+            ray.shutdown()
+    done = grid.num_terminated + grid.num_errors
+    out = {"path": path, "trials": len(grid), "finished": grid.num_terminated, "errors": grid.num_errors,
+           "interrupted": done < len(grid), "best_path": None, "best_values": None, "best_metrics": None}
+    if out["interrupted"]:
+        return out
+    df = grid.get_dataframe()
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    _write_text(S.join(path, "results.csv"), buf.getvalue())
+    try:
+        best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last")
+    except RuntimeError:
+        best = None
+    if best is None or not best.metrics or spec.metric not in best.metrics:
+        return out
+    values = {k: _plain(best.config[k]) for k in spec.space}
+    out.update(best_values=values, best_metrics={k: best.metrics.get(k) for k in
+                                                 ("accuracy", "loss", "version", "virtual_s", "wall_s")},
+               best_path=S.join(path, "best.yaml"))
+    _write_text(out["best_path"], best_yaml(spec, values, best.metrics))
+    return out
