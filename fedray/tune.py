@@ -398,9 +398,14 @@ def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, 
     finally:
         if owns and ray.is_initialized():
             ray.shutdown()
-    done = grid.num_terminated + grid.num_errors
-    out = {"path": path, "trials": len(grid), "finished": grid.num_terminated, "errors": grid.num_errors,
-           "interrupted": done < len(grid), "best_path": None, "best_values": None, "best_metrics": None}
+    # Statuses as Tune last saved them: on Ctrl+C the state is saved *before* the running trials are
+    # stopped (and then counted as terminated in ``grid``), so unfinished trials show up only here.
+    statuses = [t.status for t in tune.ExperimentAnalysis(path).trials]
+    finished = sum(st == "TERMINATED" for st in statuses)
+    errors = sum(st == "ERROR" for st in statuses)
+    out = {"path": path, "trials": len(statuses), "finished": finished, "errors": errors,
+           "interrupted": finished + errors < len(statuses), "best_path": None, "best_values": None,
+           "best_metrics": None}
     if out["interrupted"]:
         return out
     df = grid.get_dataframe()

@@ -37,6 +37,13 @@ class Task:
     fail: str | None = None  # injected failure for tests: "raise" | "nan"
 
 
+def submodel_view(params: dict, download_mask: dict) -> dict:
+    """What a client holds after downloading only ``download_mask``: coordinates it
+    did not receive are zero (pruned); tensors absent from the mask are all zero."""
+    return {k: (np.where(download_mask[k], v, 0).astype(v.dtype, copy=False) if k in download_mask
+                else np.zeros_like(v)) for k, v in params.items()}
+
+
 class ClientWorker:
     """Everything a client actor does, as a plain object (unit-testable without Ray)."""
 
@@ -94,6 +101,8 @@ class ClientWorker:
             if task.fail == "raise":
                 raise RuntimeError("injected client failure")
             seed = seeding.derive(self.cfg.seed, "train", task.dispatch_id)
+            if a.download_mask is not None and a.keep is None:
+                params = submodel_view(params, a.download_mask)
             cfg = self._train_cfg(a)
             step = throttle.step if throttle is not None else None
             aux = {}
@@ -152,5 +161,6 @@ class ClientActor:
             out.extend((u.header(), u.payload))
         return tuple(out)
 
-    def ping(self) -> bool:
-        return True
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()

@@ -4,10 +4,10 @@ Each client ``k`` has a keep ratio ``r_k``:
 
 * ``tier_ratios`` given: ``{tier name: ratio}`` from the client's device tier
   (every tier of the population needs a ratio);
-* otherwise ``ratios`` by speed rank (default ``1.0/0.8/0.6/0.4``): clients
-  sorted by device speed, fastest first (ties by id), split into
-  ``len(ratios)`` contiguous groups of (near) equal size; group ``g`` gets
-  ``ratios[g]``.
+* otherwise ``ratios`` by speed rank (default ``1.0/0.8/0.6/0.4``):
+  :func:`fedray.methods.heterofl.speed_ratios` (clients sorted by device
+  speed, fastest first, ties by id, split into ``len(ratios)`` near-equal
+  groups; the fastest group gets the largest ratio).
 
 The device profiles are those of the run: the method draws them exactly as
 :func:`fedray.runtime.loop.prepare` does (``build_population`` from the
@@ -46,6 +46,7 @@ from fedray.config import POS, UNIT_POS, _f
 from fedray.devices.profile import build_population
 from fedray.errors import ConfigError
 from fedray.methods.base import Assignment, Method
+from fedray.methods.heterofl import speed_ratios
 from fedray.methods.registry import register
 from fedray.models.spec import build_compact, model_spec, width_keep
 from fedray.submodel.encode import payload_nbytes
@@ -55,17 +56,6 @@ from fedray.submodel.width import keep_mask
 def client_profiles(cfg):
     """The run's device profiles (as :func:`fedray.runtime.loop.prepare` draws them)."""
     return build_population(cfg.data.num_clients, C.population(cfg.devices), seeding.derive(cfg.seed, "devices"))
-
-
-def ratios_by_speed(speeds, ratios) -> list[float]:
-    """Keep ratio per client: fastest group first, ``len(ratios)`` near-equal groups by speed rank."""
-    speeds = np.asarray(speeds, dtype=np.float64)
-    n = len(speeds)
-    order = np.lexsort((np.arange(n), -speeds))  # fastest first, ties by id
-    out = [0.0] * n
-    for rank, c in enumerate(order):
-        out[int(c)] = float(ratios[rank * len(ratios) // n])
-    return out
 
 
 @dataclass(frozen=True)
@@ -120,7 +110,7 @@ class CAHFP(Method):
                 raise ConfigError("method.tier_ratios", f"has no keep ratio for tier {missing[0]!r}")
             self.ratio = [float(p.tier_ratios[pr.tier]) for pr in profiles]
         else:
-            self.ratio = ratios_by_speed([pr.speed for pr in profiles], p.ratios)
+            self.ratio = [float(r) for r in speed_ratios([pr.speed for pr in profiles], p.ratios)]
         self.costs = {r: compact_cost(spec, cfg.model.name, cfg.model.options, r) for r in sorted(set(self.ratio))
                       if r < 1.0}
 

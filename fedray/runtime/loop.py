@@ -474,6 +474,7 @@ class Runner:
                 self._async(on_aggregate)
             params = ray.get(self.aggregator.params.remote())
             stats = ray.get(self.aggregator.stats.remote())
+            placement = {str(pool): ray.get([a.node_id.remote() for a in actors]) for pool, actors in self.pools.items()}
         finally:
             if bar is not None:
                 bar.close()
@@ -490,7 +491,7 @@ class Runner:
             "train_flops": tot.train_flops, "energy_j": tot.energy_j, "updates": tot.updates,
             "dropped": tot.dropped, "late": tot.late, "rejected": tot.rejected,
             "rejected_by_reason": stats["rejected"], "model_puts": stats["puts"],
-            "model_sha256": model_digest(params), "run_dir": str(self.run_dir), **derived,
+            "model_sha256": model_digest(params), "run_dir": str(self.run_dir), "placement": placement, **derived,
         }
         if target is not None:
             summary["target_accuracy"] = target

@@ -1,0 +1,135 @@
+"""Job submission to a real Ray head on 127.0.0.1 with token authentication.
+
+The head is `ray start --head --block` from this venv (so jobs find `fedray`), on free ports
+and its own temp dir, so it does not touch the session Ray of tests/ray nor anyone else's
+Ray. It is stopped by terminating the `ray start --block` process we started (which stops
+the processes it launched); leftovers are found by our unique temp dir and killed by pid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+QUICK = ["--set", "server.rounds=3", "--set", "server.eval_every=1"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _our_leftovers(temp_dir: str) -> list[int]:
+    """Pids of processes whose command line names our unique temp dir (Linux /proc)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if temp_dir.encode() in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def head():
+    if not (BIN / "ray").exists():
+        pytest.skip("the venv has no ray command")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    if not env.get("RAY_AUTH_TOKEN") and not (Path.home() / ".ray" / "auth_token").is_file():
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                       capture_output=True, timeout=60)
+    gcs, dash, client, agent, metrics = free_ports(5)
+    temp_dir = tempfile.mkdtemp(prefix="frh", dir="/tmp")  # short: Ray puts unix sockets under it
+    log = open(Path(temp_dir) / "ray_start.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--metrics-export-port={metrics}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("ray start exited: " + (Path(temp_dir) / "ray_start.log").read_text()[-3000:])
+            try:
+                JobSubmissionClient(url).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1.0)
+        yield url, env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for pid in _our_leftovers(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_fedray_submit_brings_the_run_folder_back(head, tmp_path):
+    url, env = head
+    # the caller runs from tmp_path: its runs/ folder (the default storage for a local head) is tmp_path/runs
+    r = subprocess.run(
+        [str(BIN / "fedray"), "submit", "--address", url, "--working-dir", str(ROOT),
+         str(ROOT / "configs" / "quickstart.yaml"), *QUICK, "--set", "experiment=submit_fedray"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SUCCEEDED" in r.stdout
+    run = tmp_path / "runs" / "submit_fedray" / "fedavg-s0"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["rounds"] == 3
+    assert (run / "metrics.parquet").is_file() and (run / "tb").is_dir()
+    assert "final accuracy" in r.stdout  # the job's own output was followed
+
+
+def test_plain_ray_job_submit(head, tmp_path):
+    url, env = head
+    store = tmp_path / "store"
+    r = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
+         "--runtime-env", "cluster/runtime_env.yaml", "--",
+         "fedray", "run", "configs/quickstart.yaml", *QUICK, "--set", "experiment=plain_submit", "--quiet",
+         "--storage", str(store)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    s = json.loads((store / "plain_submit" / "fedavg-s0" / "summary.json").read_text())
+    assert s["rounds"] == 3

@@ -1,0 +1,67 @@
+"""Heterogeneous devices at run time: stragglers and deadlines, real throttling."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from fedray.client.actor import ClientActor, Task
+from fedray.config import from_dict
+from fedray.methods.base import Assignment
+from fedray.runtime.loop import prepare, run
+
+pytestmark = pytest.mark.ray
+
+
+def tiered(tmp_path, method, **over):
+    base = {"experiment": "tiers", "method": {"name": method},
+            "data": {"num_clients": 50, "cache_dir": str(tmp_path / "cache")},
+            "devices": {"tiers": "clamp", "link": "lognormal", "reference_flops": 2e6},
+            "server": {"rounds": 8, "clients_per_round": 10, "eval_every": 4},
+            "runtime": {"progress": False, "tensorboard": False, "out_dir": str(tmp_path / "runs")}}
+    return from_dict(base, [f"{k}={v}" for k, v in over.items()])
+
+
+def test_deadline_fedavg_excludes_stragglers(ray_session, tmp_path):
+    plain = run(tiered(tmp_path, "fedavg"))
+    dead = run(tiered(tmp_path, "fedavg_deadline"))
+    assert plain["sdir"] == 1.0
+    assert dead["sdir"] < 1.0 and dead["late"] > 0
+    assert dead["virtual_s"] / dead["rounds"] < plain["virtual_s"] / plain["rounds"]
+    # the synchronous round lasts as long as its slowest client
+    t = pq.read_table(f"{plain['run_dir']}/metrics.parquet").to_pandas()
+    ups = t[t.event == "update"]
+    agg = t[t.event == "aggregate"].virtual_s.to_numpy()
+    ends = ups.groupby("round").virtual_s.max().to_numpy()
+    assert np.allclose(agg, ends)
+    by_tier = plain["participation_by_tier"]
+    assert set(by_tier) == {"very_slow", "normal", "very_fast"}
+
+
+def test_real_throttling_slows_a_quarter_speed_device_about_4x(ray_session, tmp_path):
+    """Same work, alternating a 1x and a 0.25x device on one actor so both see the same machine."""
+    cfg = from_dict({"data": {"num_clients": 10, "cache_dir": str(tmp_path)},
+                     "model": {"name": "cnn", "options": {"channels": [16, 32], "hidden": 64}},
+                     "devices": {"mode": "real"}, "train": {"local_steps": 20, "batch_size": 64}})
+    s = prepare(cfg)
+    ds = s.dataset
+    actor = ClientActor.remote(cfg, {"x": ds.x_train, "y": ds.y_train}, s.partitions, ds.input_shape, ds.num_classes)
+    params = ray.put(s.params)
+    ray.get(actor.train_many.options(num_returns=2).remote(params, [Task(100, 0, Assignment(0))]))  # warm-up
+    tasks = [Task(i, 0, Assignment(0), speed=1.0 if i % 2 == 0 else 0.25) for i in range(8)]
+    out = ray.get(actor.train_many.options(num_returns=2 * len(tasks)).remote(params, tasks)[::2])
+    fast = sum(h.wall_s for h in out[0::2])
+    slow = sum(h.wall_s for h in out[1::2])
+    assert all(h.error is None for h in out)
+    assert 3.0 <= slow / fast <= 5.0, (slow, fast)
+
+
+def test_real_mode_run_reports_measured_seconds(ray_session, tmp_path):
+    cfg = tiered(tmp_path, "fedavg", **{"devices.mode": "real", "server.rounds": 2, "data.num_clients": 20,
+                                        "server.clients_per_round": 4})
+    s = run(cfg)
+    t = pq.read_table(f"{s['run_dir']}/metrics.parquet").to_pandas()
+    ups = t[t.event == "update"]
+    # in real mode the round time is the measured training time plus simulated communication
+    assert np.allclose(ups.round_s, ups.client_wall_s + ups.comm_s + 2 * 0.05, rtol=1e-6)
