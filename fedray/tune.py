@@ -26,11 +26,15 @@ Conventions:
 - ``--set`` overrides apply to the whole file (``--set tune.num_samples=2``
   works too).
 - A trial is one :class:`fedray.runtime.loop.Runner` run. Its resources are a
-  ``PlacementGroupFactory``: bundle 0 = the driver loop (``driver_cpus``), one
-  bundle for the aggregator when ``cluster.aggregator_cpus > 0``, and one per
-  client actor with its ``cluster.client_actor`` resources (CPU, GPU, memory,
-  custom resources). Tune captures child actors in the trial's placement group,
-  so the run's actors are scheduled inside it.
+  ``PlacementGroupFactory`` sized from the trial's own config: bundle 0 = the
+  driver loop (``driver_cpus``), one bundle for the aggregator when
+  ``cluster.aggregator_cpus > 0``, and one per client actor with the resources
+  the runtime gives it (``cluster.client_actor``, or each tier's resources with
+  ``devices.actor_per_tier``: CPU, GPU, memory, custom resources such as
+  ``device:edge``). Tune captures child actors in the trial's placement group,
+  so the run's actors are scheduled inside it; the run then creates no
+  placement group of its own (``devices.placement`` becomes the strategy of
+  the trial's group, PACK for ``none``).
 - Trials report ``accuracy, loss, version, virtual_s, wall_s`` after each
   evaluation (``tune.report``); ASHA's ``time_attr`` is one of ``version``,
   ``virtual_s``, ``wall_s``, ``training_iteration``.
@@ -244,22 +248,52 @@ def param_space(spec: TuneSpec) -> dict:
     return {k: make[kind](args) for k, (kind, args) in spec.space.items()}
 
 
-def bundles(cfg: C.ExperimentConfig, driver_cpus: float) -> list[dict]:
-    """Placement-group bundles of one trial: driver, aggregator (if it asks for CPUs), client actors."""
-    from fedray.runtime.cluster import actor_options
+def without_own_placement(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
+    """Inside a trial the trial's placement group reserves the client actors, so the run does not
+    create a second one (``devices.placement`` becomes the trial group's strategy instead)."""
+    return replace(cfg, devices=replace(cfg.devices, placement="none"))
 
+
+def client_actor_options(cfg: C.ExperimentConfig) -> list[dict]:
+    """The Ray options of every client actor the run will create, from the runtime's own
+    :func:`fedray.runtime.cluster.create_client_actors` (no actor is created)."""
+    from fedray.runtime import cluster
+
+    profiles = []
+    if cfg.devices.actor_per_tier:  # per-tier pools depend on which tiers have clients
+        from fedray import seeding
+        from fedray.devices.profile import build_population
+
+        profiles = build_population(cfg.data.num_clients, C.population(cfg.devices),
+                                    seeding.derive(cfg.seed, "devices"))
+    pools, _ = cluster.create_client_actors(without_own_placement(cfg), profiles, lambda opts: dict(opts))
+    return [o for pool in pools.values() for o in pool]
+
+
+def _bundle(opts: Mapping) -> dict:
+    b = {"CPU": float(opts.get("num_cpus", 1.0) or 0), "GPU": float(opts.get("num_gpus") or 0)}
+    if opts.get("memory"):
+        b["memory"] = float(opts["memory"])
+    b.update({k: float(v) for k, v in (opts.get("resources") or {}).items()})
+    return {k: v for k, v in b.items() if v > 0}
+
+
+def bundles(cfg: C.ExperimentConfig, driver_cpus: float) -> list[dict]:
+    """Placement-group bundles of one trial: driver loop, aggregator (if it asks for CPUs), one per
+    client actor with its resources (actors asking for nothing get no bundle)."""
     out = [{"CPU": float(driver_cpus)}]
     if cfg.cluster.aggregator_cpus > 0:
         out.append({"CPU": float(cfg.cluster.aggregator_cpus)})
-    o = actor_options(cfg.cluster.client_actor)
-    b = {"CPU": float(o.get("num_cpus") or 0), "GPU": float(o.get("num_gpus") or 0)}
-    if o.get("memory"):
-        b["memory"] = float(o["memory"])
-    b.update({k: float(v) for k, v in (o.get("resources") or {}).items()})
-    b = {k: v for k, v in b.items() if v > 0}
-    if b:
-        out += [dict(b) for _ in range(cfg.cluster.num_client_actors)]
+    out += [b for b in (_bundle(o) for o in client_actor_options(cfg)) if b]
     return out
+
+
+def trial_resources(cfg: C.ExperimentConfig, driver_cpus: float):
+    """The trial's ``PlacementGroupFactory`` (strategy: ``devices.placement``, PACK when ``none``)."""
+    from ray.tune import PlacementGroupFactory
+
+    strategy = "PACK" if cfg.devices.placement == "none" else cfg.devices.placement.upper()
+    return PlacementGroupFactory(bundles(cfg, driver_cpus), strategy=strategy)
 
 
 def trial_base(spec: TuneSpec) -> dict:
@@ -309,11 +343,11 @@ class DeferredReport:
 
 
 def make_trainable(spec: TuneSpec):
-    """A function trainable with its placement-group resources."""
+    """A function trainable; each trial's placement group is sized from its own config."""
     from ray import tune
-    from ray.tune import PlacementGroupFactory
 
     base = trial_base(spec)
+    driver_cpus = spec.driver_cpus
 
     def fedray_trial(config):
         from ray import tune as _tune
@@ -321,7 +355,7 @@ def make_trainable(spec: TuneSpec):
         from fedray.runtime.loop import Runner
 
         cfg = C.from_dict(with_values(base, config))
-        cfg = replace(cfg, runtime=replace(cfg.runtime, progress=False))
+        cfg = without_own_placement(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
         rep = DeferredReport(_tune.report)
         runner = Runner(cfg, run_dir=Path.cwd() / "run", progress=False, report=rep)
         try:
@@ -331,7 +365,10 @@ def make_trainable(spec: TuneSpec):
             raise
         rep.finish(summary)
 
-    return tune.with_resources(fedray_trial, PlacementGroupFactory(bundles(spec.cfg, spec.driver_cpus)))
+    def resources(config):
+        return trial_resources(C.from_dict(with_values(base, config)), driver_cpus)
+
+    return tune.with_resources(fedray_trial, resources)
 
 
 def experiment_path(spec: TuneSpec, storage: str | None = None) -> str:

@@ -133,3 +133,16 @@ def test_plain_ray_job_submit(head, tmp_path):
     assert "succeeded" in (r.stdout + r.stderr).lower()
     s = json.loads((store / "plain_submit" / "fedavg-s0" / "summary.json").read_text())
     assert s["rounds"] == 3
+
+
+def test_fedray_submit_runs_a_tune_search(head, tmp_path):
+    url, env = head
+    store = tmp_path / "store"
+    r = subprocess.run(
+        [str(BIN / "fedray"), "submit", "--address", url, "configs/tune/tiny_asha.yaml", "--storage", str(store),
+         "--set", "tune.num_samples=1", "--set", "server.rounds=2", "--set", "tune.scheduler=fifo"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "fedray tune configs/tune/tiny_asha.yaml" in r.stderr  # detected from the tune: section
+    best = store / "tune_tiny" / "tune" / "best.yaml"
+    assert best.is_file() and "train:" in best.read_text()

@@ -121,11 +121,21 @@ def test_domains_and_candidates():
         T.parse_domain("a", {"randint": [1, 2.5]})
 
 
-def test_bundles_follow_the_cluster_section():
+def test_bundles_follow_the_runtime_actor_resources():
     cfg = C.from_dict(BASE)
     assert T.bundles(cfg, 0.5) == [{"CPU": 0.5}, {"CPU": 0.5, "device:edge": 1.0}, {"CPU": 0.5, "device:edge": 1.0}]
     cfg = C.from_dict({**BASE, "cluster": {"num_client_actors": 1, "aggregator_cpus": 1, "client_actor": {"num_cpus": 0}}})
     assert T.bundles(cfg, 0.25) == [{"CPU": 0.25}, {"CPU": 1.0}]
+    tiers = [{"name": "edge", "fraction": 0.5, "speed_range": [0.3, 0.6], "resources": {"device:edge": 1}, "num_cpus": 0.5},
+             {"name": "server", "fraction": 0.5, "speed_range": [1.0, 2.0], "num_cpus": 0.25}]
+    cfg = C.from_dict({**BASE, "devices": {"actor_per_tier": True, "placement": "spread", "tiers": tiers},
+                       "cluster": {"num_client_actors": 4}})
+    b = T.bundles(cfg, 0.5)
+    assert b[0] == {"CPU": 0.5}
+    assert sorted(map(str, b[1:])) == sorted(map(str, [{"CPU": 0.5, "device:edge": 1.0}] * 2 + [{"CPU": 0.25}] * 2))
+    pgf = T.trial_resources(cfg, 0.5)
+    assert pgf.strategy == "SPREAD" and pgf.bundles == b
+    assert T.without_own_placement(cfg).devices.placement == "none"
 
 
 def test_deferred_report_sends_last_evaluation_with_the_summary():
