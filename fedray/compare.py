@@ -164,16 +164,29 @@ def hparams_for(run: PlannedRun) -> dict:
     return hp
 
 
-def write_hparams(run: PlannedRun, summary: Mapping, domains: Mapping[str, list]) -> None:
-    """Write an HParams session into the run's ``tb/`` folder next to its scalars."""
+def hparam_metrics(summaries: list[Mapping]) -> list[str]:
+    """The ``HPARAM_METRICS`` keys that at least one run has as a number (the same list for every run)."""
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+    return [k for k in HPARAM_METRICS if any(num(s.get(k)) for s in summaries)]
+
+
+def write_hparams(run: PlannedRun, summary: Mapping, domains: Mapping[str, list], metric_keys: list[str]) -> None:
+    """Write an HParams session into the run's ``tb/`` folder next to its scalars.
+
+    Every run gets the same metrics (``hparams/<key>`` for ``metric_keys``); a value this run lacks
+    (e.g. time to target when the target was not reached) is written as NaN, so the runs keep
+    identical tags and HParams columns.
+    """
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
     metrics = {}
-    for k in HPARAM_METRICS:
+    for k in metric_keys:
         v = summary.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
-            metrics[f"hparams/{k}"] = float(v)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        metrics[f"hparams/{k}"] = float(v) if ok else float("nan")
     hp = hparams_for(run)
     disc = {k: v for k, v in domains.items() if k in hp}
     exp, ssi, sei = hparams(hp, metrics, disc)
@@ -220,8 +233,9 @@ def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None) ->
         for k, v in hparams_for(r).items():
             if isinstance(v, str) and v not in domains.setdefault(k, []):
                 domains[k].append(v)
+    keys = hparam_metrics(summaries)
     for r, s in zip(p.runs, summaries):
-        write_hparams(r, s, {k: v for k, v in domains.items() if v})
+        write_hparams(r, s, {k: v for k, v in domains.items() if v}, keys)
     rep = R.write_report(p.exp_dir, only=[r.run_dir for r in p.runs])
     stored = S.store_experiment(p.exp_dir, storage) if storage is not None else None
     return {"summaries": summaries, "report": rep, "stored": stored}

@@ -110,6 +110,8 @@ class ClusterConfig:
     aggregator_cpus: float = _f(0.0, check=NONNEG)
     torch_threads: int = _f(1, check=POS)
     num_cpus: int | None = _f(None, check=POS, doc="CPUs of an embedded Ray (default: all)")
+    max_restarts: int = _f(3, check=(lambda v: v >= -1, ">= -1"), doc="Ray restarts of a crashed client actor (-1: always)")
+    max_task_retries: int = _f(2, check=(lambda v: v >= -1, ">= -1"), doc="retries of a training call lost with its actor")
 
 
 @dataclass(frozen=True)
@@ -432,10 +434,23 @@ def population(dev: DevicesConfig):
         availability_cycle_s=dev.availability_cycle_s, trace_path=dev.trace_path)
 
 
+TOOL_SECTIONS = ("compare", "tune")
+
+
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML config file (or defaults when ``path`` is None) and validate it."""
+    """Read a YAML config file (or defaults when ``path`` is None) and validate it for one run.
+
+    The ``compare:`` and ``tune:`` sections belong to ``fedray compare`` / ``fedray tune``
+    and are set aside here; a comparison file without a ``method:`` runs its first method.
+    """
     data = read_yaml(path) if path is not None else {}
-    return from_dict(data, overrides)
+    tools = {k: data.pop(k) for k in TOOL_SECTIONS if k in data}
+    methods = (tools.get("compare") or {}).get("methods") if isinstance(tools.get("compare"), Mapping) else None
+    if "method" not in data and isinstance(methods, list) and methods:
+        first = methods[0]
+        data["method"] = ({k: v for k, v in first.items() if k != "label"} if isinstance(first, Mapping)
+                          else {"name": first})
+    return from_dict(data, [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in TOOL_SECTIONS])
 
 
 def dump(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -36,8 +36,10 @@ Conventions:
   placement group of its own (``devices.placement`` becomes the strategy of
   the trial's group, PACK for ``none``).
 - Trials report ``accuracy, loss, version, virtual_s, wall_s`` after each
-  evaluation (``tune.report``); ASHA's ``time_attr`` is one of ``version``,
-  ``virtual_s``, ``wall_s``, ``training_iteration``.
+  evaluation (``tune.report``), one evaluation late so that a finished run's
+  folder is complete before Tune may stop the trial (:class:`DeferredReport`);
+  the last report adds the run's summary numbers. ASHA's ``time_attr`` is one
+  of ``version``, ``virtual_s``, ``wall_s``, ``training_iteration``.
 - Output: the Tune experiment at ``<storage>/<experiment>/tune`` where storage
   is ``--storage`` (a path or any ``pyarrow.fs`` URI) or ``runtime.out_dir``.
   Each trial folder holds ``run/`` (the run folder of a normal run, with its

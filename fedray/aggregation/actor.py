@@ -14,8 +14,9 @@ import ray
 import torch
 
 from fedray.aggregation import rules, validate
+from fedray.aggregation.buffer import lazy_decode
 from fedray.client.trainer import evaluate, load_params, resolve_device
-from fedray.submodel.encode import Payload, decode
+from fedray.submodel.encode import Payload
 from fedray.update import Update
 
 
@@ -58,7 +59,8 @@ class AggregatorCore:
         if reason is not None:
             self.rejected[reason] += 1
             return reason
-        values, mask = decode(payload, {k: self.params[k].shape for k in payload.keys()})
+        # Kept encoded (decoded per key on demand); the masked-mean rules merge it in tiles.
+        values, mask = lazy_decode(payload, {k: self.params[k].shape for k in payload.keys()})
         if payload.aux:  # aux arrays (PR-FL's sq_grads) reach the method on the header
             header = header.with_payload(Payload({}, dict(payload.aux)))
         self.pending.append((header, rules.Contribution(values, mask, float(header.num_examples))))

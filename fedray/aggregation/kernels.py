@@ -43,13 +43,12 @@ coordinate, in piece order, in float64; the result is cast to the dtype of
 
 Determinism: every coordinate's sum is formed in piece order whatever the
 tiling and the number of threads, so serial and parallel runs are bitwise
-identical, and a MEAN / DELTA result equals ``rules.masked_mean`` /
-``rules.apply_delta_mean`` on the decoded contributions bit for bit for
-sparse, sliced and masked pieces; for dense pieces the rules module rounds
-``w * v`` to float32 before accumulating (numpy's weak-scalar promotion) while
-the kernel keeps the float64 product, so those coordinates can differ by one
-float32 ulp. With float64 sums, reordering the pieces changes a result only
-by float64 rounding, i.e. in practice not at float32 output precision.
+identical, and a MEAN / DELTA / MIX result equals ``rules.masked_mean`` /
+``rules.apply_delta_mean`` / ``rules.masked_mix`` on the decoded
+contributions (numpy path, float64 accumulation) bit for bit: both form
+``float64(w) * float64(v)`` and add in contribution order. Reordering the
+pieces changes a sum only by float64 rounding, so the float32 result is in
+practice order-independent (a tie at float32 rounding could differ by one ulp).
 
 Only float32 and float64 tensors are handled here (:data:`DTYPES`); the
 callers route other dtypes (integer counters, float16) to the numpy rules.
@@ -82,9 +81,12 @@ class Piece(NamedTuple):
 
 
 # ---------------------------------------------------------------------- kernels
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _tile(t0, t1, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-          old, out, mode, scale, acc_w, acc_m):
+          old, out, mode, scale, acc_w, acc_m, cur):
+    # ``cur[e]``: first position of sparse piece e not below t0 (tiles run in
+    # increasing order inside a chunk); at most ``tl`` unique sorted indices
+    # fall in the tile, so the end is a binary search over ``tl`` entries.
     tl = t1 - t0
     if mode == 2:  # MIX works on the output tile directly
         for i in range(tl):
@@ -113,18 +115,19 @@ def _tile(t0, t1, kinds, slots, weights, strides, vals, i32, i64, rows, inner, m
         elif kind == 1 or kind == 2:  # sparse, int32 / int64 indices
             if kind == 1:
                 ix32 = i32[s]
-                c0 = np.searchsorted(ix32, t0)
-                c1 = np.searchsorted(ix32, t1)
+                c0 = cur[e]
+                c1 = c0 + np.searchsorted(ix32[c0:min(ix32.shape[0], c0 + tl)], t1)
+                cur[e] = c1
                 if mode == 0:
                     for c in range(c0, c1):
                         j = np.int64(ix32[c]) - t0
-                        if j >= 0 and j < tl:
+                        if (j | (tl - 1 - j)) >= 0:  # 0 <= j < tl with one branch
                             acc_w[j] += w * v[c]
                             acc_m[j] += w
                 elif mode == 1:
                     for c in range(c0, c1):
                         j = np.int64(ix32[c]) - t0
-                        if j >= 0 and j < tl:
+                        if (j | (tl - 1 - j)) >= 0:
                             acc_w[j] += w * v[c]
                 else:
                     for c in range(c0, c1):
@@ -133,8 +136,9 @@ def _tile(t0, t1, kinds, slots, weights, strides, vals, i32, i64, rows, inner, m
                             out[j] = out[j] * (1.0 - w) + v[c] * w
             else:
                 ix64 = i64[s]
-                c0 = np.searchsorted(ix64, t0)
-                c1 = np.searchsorted(ix64, t1)
+                c0 = cur[e]
+                c1 = c0 + np.searchsorted(ix64[c0:min(ix64.shape[0], c0 + tl)], t1)
+                cur[e] = c1
                 for c in range(c0, c1):
                     j = ix64[c] - t0
                     if j >= 0 and j < tl:
@@ -177,19 +181,17 @@ def _tile(t0, t1, kinds, slots, weights, strides, vals, i32, i64, rows, inner, m
                         acc_w[i] += w * v[t0 + i]
                         if mode == 0:
                             acc_m[i] += w
-    if mode == 0:
+    if mode == 0:  # branch-free so that the division vectorises
         for i in range(tl):
             d = acc_m[i]
-            if d > 0.0:
-                out[t0 + i] = acc_w[i] / d
-            else:
-                out[t0 + i] = old[t0 + i]
+            q = acc_w[i] / (d if d > 0.0 else 1.0)
+            out[t0 + i] = q if d > 0.0 else old[t0 + i]
     elif mode == 1:
         for i in range(tl):
             out[t0 + i] = old[t0 + i] + acc_w[i] * scale
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _chunk(ch, nchunks, n, tile, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
            old, out, mode, scale):
     ntiles = (n + tile - 1) // tile
@@ -197,21 +199,27 @@ def _chunk(ch, nchunks, n, tile, kinds, slots, weights, strides, vals, i32, i64,
     hi = (ch + 1) * ntiles // nchunks
     acc_w = np.empty(tile, np.float64)
     acc_m = np.empty(tile if mode == 0 else 1, np.float64)
+    cur = np.zeros(kinds.shape[0], np.int64)
+    for e in range(kinds.shape[0]):
+        if kinds[e] == 1:
+            cur[e] = np.searchsorted(i32[slots[e]], lo * tile)
+        elif kinds[e] == 2:
+            cur[e] = np.searchsorted(i64[slots[e]], lo * tile)
     for t in range(lo, hi):
         t0 = t * tile
         t1 = min(n, t0 + tile)
         _tile(t0, t1, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-              old, out, mode, scale, acc_w, acc_m)
+              old, out, mode, scale, acc_w, acc_m, cur)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _merge_serial(n, tile, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
                   old, out, mode, scale):
     _chunk(0, 1, n, tile, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
            old, out, mode, scale)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _merge_parallel(n, tile, nchunks, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
                     old, out, mode, scale):
     for ch in prange(nchunks):
@@ -252,8 +260,8 @@ def _pack(pieces: Sequence, shape: tuple[int, ...], dtype: np.dtype, name: str):
             if v.size != n:
                 raise ValueError(f"{name!r}: dense piece has {v.size} values, expected {n}")
             kinds[e] = _DENSE
-        elif p.kind == "sparse":
-            ix = np.asarray(p.index[0])
+        elif p.kind == "sparse" or (p.kind == "slices" and len(shape) == 1 and len(p.index) == 1):
+            ix = np.asarray(p.index[0])  # a 1-D slice index is a flat sparse index
             if ix.ndim != 1 or ix.shape[0] != v.size or not np.issubdtype(ix.dtype, np.integer):
                 raise ValueError(f"{name!r}: sparse index does not match its {v.size} values")
             if ix.size and (ix[0] < 0 or ix[-1] >= n):

@@ -22,6 +22,14 @@ torch, no Ray). Conventions shared by all of them:
   that depend on the order of the contributions. float64 is the default
   because the result is then, to float32 output precision, independent of the
   order in which updates arrive.
+- Fast path: when every contribution's ``values`` is a
+  :class:`fedray.aggregation.buffer.PayloadValues` (what the aggregator
+  buffers: the encoded payload, decoded only on demand) and ``acc_dtype`` is
+  float64, :func:`masked_mean`, :func:`width_sliced_mean`,
+  :func:`apply_delta_mean` and :func:`masked_mix` merge the encoded entries
+  with the cache-blocked kernels of :mod:`fedray.aggregation.kernels`: same
+  conventions, same float64 products and sums in contribution order, so the
+  same bits as the numpy path on decoded contributions.
 - Integer and bool tensors (e.g. BatchNorm ``num_batches_tracked``) are never
   averaged (an average of counters is meaningless and would need rounding):
   mean-type rules and :func:`mix` take the element-wise maximum of the global
@@ -59,6 +67,7 @@ __all__ = [
     "delta",
     "apply_delta_mean",
     "mix",
+    "masked_mix",
     "momentum_step",
 ]
 
@@ -207,8 +216,8 @@ class MaskedAccumulator:
             self._acc_m[k] = 0.0
         tmp = self._tmp(k)
         with np.errstate(all="ignore"):
-            if m is None:
-                np.multiply(v, w, out=tmp, casting="unsafe")
+            if m is None:  # product in acc_dtype, as on the masked branch below
+                np.multiply(v, w, out=tmp, dtype=dt, casting="unsafe")
                 np.add(acc_w, tmp, out=acc_w)
                 acc_m = self._acc_m[k]
                 if isinstance(acc_m, np.ndarray):
@@ -307,6 +316,9 @@ def masked_mean(global_params: Mapping[str, np.ndarray], contribs: Sequence[Cont
     PR-FL's ``p_i n_i`` weights work as is: the normalisation of ``p_i``
     cancels in the ratio.
     """
+    if _fast(contribs, acc_dtype):
+        from fedray.aggregation import buffer
+        return buffer.merge_contributions(global_params, contribs, "mean")
     acc = MaskedAccumulator(global_params, acc_dtype)
     for c in contribs:
         acc.add(c)
@@ -470,6 +482,9 @@ def apply_delta_mean(global_params: Mapping[str, np.ndarray], deltas: Sequence[C
     instead of being renormalised away. A coordinate outside a delta's mask
     counts as a zero delta. With no deltas the model is returned unchanged.
     """
+    if _fast(deltas, acc_dtype):
+        from fedray.aggregation import buffer
+        return buffer.merge_contributions(global_params, deltas, "delta", eta=eta_g)
     acc = MaskedAccumulator(global_params, acc_dtype)
     for d in deltas:
         acc.add(d)
@@ -503,6 +518,43 @@ def mix(global_params: Mapping[str, np.ndarray], new_params: Mapping[str, np.nda
         else:
             out[k] = np.maximum(x, xn.astype(x.dtype, copy=False))
     return out
+
+
+def masked_mix(global_params: Mapping[str, np.ndarray], contribs: Sequence[Contribution],
+               rates: Sequence[float]) -> Params:
+    """FedAsync with partial updates: for each contribution in order,
+    ``x <- (1 - eta_i) x + eta_i v_i`` on the coordinates its mask covers
+    (the others keep their value), ``eta_i = rates[i]`` in [0, 1]; exactly
+    :func:`mix` applied to the masked target ``where(mask_i, v_i, x)``, one
+    contribution after another (rounded to the model dtype after each).
+    Weights are ignored; integer/bool tensors take the max rule.
+    """
+    if len(rates) != len(contribs):
+        raise ValueError(f"{len(contribs)} contributions but {len(rates)} mixing rates")
+    if _fast(contribs, np.float64):
+        from fedray.aggregation import buffer
+        return buffer.merge_contributions(global_params, contribs, "mix", rates=rates)
+    theta: Params = _copy(global_params)
+    for c, eta in zip(contribs, rates):
+        _check_known(c.mask, global_params)
+        target = {}
+        for k, m in c.mask.items():
+            if k not in c.values:
+                raise ValueError(f"values lack covered key {k!r}")
+            m = np.asarray(m)
+            if m.dtype != np.bool_ or m.shape != theta[k].shape:
+                raise ValueError(f"mask for {k!r} must be a bool array of shape {theta[k].shape}")
+            target[k] = np.where(m, np.asarray(c.values[k]), theta[k]).astype(theta[k].dtype, copy=False)
+        theta = mix(theta, target, eta)
+    return theta
+
+
+def _fast(contribs: Sequence[Contribution], acc_dtype) -> bool:
+    """Route to the payload kernels (see the module docstring)?"""
+    if np.dtype(acc_dtype) != np.float64 or not contribs:
+        return False
+    from fedray.aggregation.buffer import payload_backed
+    return payload_backed(contribs)
 
 
 def momentum_step(global_params: Mapping[str, np.ndarray], target_params: Mapping[str, np.ndarray],

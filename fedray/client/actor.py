@@ -8,6 +8,7 @@ its payload, so the driver never touches the big arrays.
 """
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -160,6 +161,9 @@ class ClientActor:
         for u in self.worker.run(params, tasks):
             out.extend((u.header(), u.payload))
         return tuple(out)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (placement checks)."""

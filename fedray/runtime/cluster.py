@@ -95,7 +95,9 @@ def create_client_actors(cfg, profiles, make):
                               f"({bundles}) with strategy {cfg.devices.placement.upper()}") from None
     pools: dict = {}
     for i, (pool, opts) in enumerate(specs):
-        o = dict(opts)
+        # a crashed actor (or a lost node) is restarted and its training call retried: training is a
+        # pure function of its inputs and the aggregator applies each dispatch_id at most once
+        o = dict(opts, max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_task_retries)
         if pg is not None:
             o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
         pools.setdefault(pool, []).append(make(o))

@@ -181,6 +181,12 @@ def test_compare_plan_replaces_method_and_seed_only(tmp_path):
     assert compare.hparams_for(plan.runs[2])["method"] == "fedavg-b"
 
 
+def test_hparam_metrics_are_the_same_for_every_run():
+    keys = compare.hparam_metrics([{"final_accuracy": 0.5, "time_to_target_s": None, "sdir": True},
+                                   {"final_accuracy": 0.6, "time_to_target_s": 12.0, "energy_j": float("nan")}])
+    assert keys == ["final_accuracy", "time_to_target_s"]
+
+
 # ---------------------------------------------------------------- submit helpers
 
 
