@@ -217,13 +217,20 @@ def merge_contributions(global_params: Mapping[str, np.ndarray], contribs: Seque
         slow_out = slow.mean(slow_params)
     kmode = {"mean": kernels.MEAN, "delta": kernels.DELTA, "mix": kernels.MIX}[mode]
     scale = float(eta) / len(contribs) if contribs else 0.0
+    merged: Params = {}
+    for dt in kernels.DTYPES:  # one kernel call per dtype
+        keys = [k for k in pieces if np.asarray(global_params[k]).dtype == dt]
+        if keys:
+            outs = kernels.merge_many([global_params[k] for k in keys], [pieces[k][0] for k in keys],
+                                      [pieces[k][1] for k in keys], kmode, scale=scale, parallel=parallel,
+                                      names=keys)
+            merged.update(zip(keys, outs))
     out: Params = {}
     for k, old in global_params.items():
         if k not in fast:
             out[k] = slow_out[k]
-        elif k in pieces:
-            ps, ws = pieces[k]
-            out[k] = kernels.merge(np.asarray(old), ps, ws, kmode, scale=scale, parallel=parallel, name=k)
+        elif k in merged:
+            out[k] = merged[k]
         else:
             out[k] = np.array(old, copy=True)
     return out

@@ -2,8 +2,8 @@
 
 The aggregator merges K encoded updates of one tensor without decoding them
 to full shape. :func:`merge` walks the tensor's flat coordinates in tiles of
-``tile`` coordinates (default 32768: two float64 tile accumulators take
-512 KiB and stay in L2); inside a tile every *piece* (one contribution's
+``tile`` coordinates (rounded up to a power of two; default 16384: the two
+float64 tile accumulators take 256 KiB and stay in L2); inside a tile every *piece* (one contribution's
 part of the tensor) adds its covered coordinates, in piece order, to
 tile-local float64 sums; then the tile is finalised into ``out``. Memory
 traffic is one read of every piece plus one read of ``old`` and one write of
@@ -24,9 +24,10 @@ A piece is any object with ``kind``, ``values`` and ``index`` attributes (a
 
 Pieces must be valid (what :func:`fedray.aggregation.validate.check` ensures
 for payloads: sorted unique in-range indices, matching lengths); :func:`merge`
-re-checks sizes and the first/last index in O(1) per piece and the kernel
-never writes outside the tile for any index array, so an invalid piece gives
-a wrong result, never a memory error.
+re-checks sizes and the first/last index in O(1) per piece, and the kernel
+never writes outside its tile buffers for any index array (offsets are
+masked to the power-of-two tile), so an invalid piece gives a wrong result,
+never a memory error.
 
 Modes (``w_i`` = ``weights[i]``; sums run over the pieces covering a
 coordinate, in piece order, in float64; the result is cast to the dtype of
@@ -60,12 +61,14 @@ from typing import NamedTuple, Sequence
 
 import numba
 import numpy as np
-from numba import njit, prange, typed
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-__all__ = ["MEAN", "DELTA", "MIX", "TILE", "DTYPES", "Piece", "merge", "merge_reference"]
+__all__ = ["MEAN", "DELTA", "MIX", "TILE", "DTYPES", "Piece", "merge", "merge_many", "merge_reference"]
 
 MEAN, DELTA, MIX = 0, 1, 2
-TILE = 32768
+TILE = 16384
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _DENSE, _SPARSE32, _SPARSE64, _SLICES, _MASKED = 0, 1, 2, 3, 4
@@ -81,159 +84,178 @@ class Piece(NamedTuple):
 
 
 # ---------------------------------------------------------------------- kernels
+# The kernels see the pieces through two int64 tables of raw addresses and
+# lengths (building numba typed lists costs ~5 us per array from Python, i.e.
+# tens of milliseconds per aggregation; a table row costs ~1 us). The Python
+# side keeps every referenced array alive for the duration of the call.
+#
+# pieces table columns: kind, values addr, #values, index addr (sparse index,
+#   slice rows (int64) or mask), #index, inner-offsets addr, #inner, row stride
+# tensors table columns: old addr, out addr, #coordinates, first piece, end piece
+# work table columns: tensor, first tile, end tile (tiles run in order inside an item)
+_K, _VAL, _NVAL, _IDX, _NIDX, _INN, _NINN, _STRIDE = range(8)
+_OLD, _OUT, _N, _P0, _P1 = range(5)
+
+
+@intrinsic
+def _voidptr(typingctx, addr):
+    """int64 address -> void* (for ``numba.carray``)."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(addr), codegen
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
-def _tile(t0, t1, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-          old, out, mode, scale, acc_w, acc_m, cur):
-    # ``cur[e]``: first position of sparse piece e not below t0 (tiles run in
-    # increasing order inside a chunk); at most ``tl`` unique sorted indices
-    # fall in the tile, so the end is a binary search over ``tl`` entries.
-    tl = t1 - t0
-    if mode == 2:  # MIX works on the output tile directly
-        for i in range(tl):
-            out[t0 + i] = old[t0 + i]
-    else:
-        for i in range(tl):
-            acc_w[i] = 0.0
-        if mode == 0:
+def _item(wi, work, tens, pcs, weights, like, mode, scale, tile):
+    t = work[wi, 0]
+    lo, hi = work[wi, 1], work[wi, 2]
+    n = tens[t, _N]
+    p0, p1 = tens[t, _P0], tens[t, _P1]
+    old = numba.carray(_voidptr(tens[t, _OLD]), n, like.dtype)
+    out = numba.carray(_voidptr(tens[t, _OUT]), n, like.dtype)
+    acc_w = np.empty(tile, np.float64)
+    acc_m = np.empty(tile if mode == 0 else 1, np.float64)  # only MEAN reads it
+    # Accumulators have a power-of-two length: masking a tile offset with
+    # ``wrap`` costs one AND and keeps even an invalid (unsorted) index array
+    # inside them (a wrong result, never a stray write); MIX writes ``out``
+    # directly and checks the range instead.
+    wrap = tile - 1
+    # cur[e]: first position of sparse piece e not below the tile start. At most
+    # ``tl`` unique sorted indices fall in a tile, so its end is a binary
+    # search over ``tl`` entries.
+    cur = np.zeros(p1 - p0, np.int64)
+    for e in range(p0, p1):
+        if pcs[e, _K] == 1:
+            cur[e - p0] = np.searchsorted(numba.carray(_voidptr(pcs[e, _IDX]), pcs[e, _NIDX], np.int32), lo * tile)
+        elif pcs[e, _K] == 2:
+            cur[e - p0] = np.searchsorted(numba.carray(_voidptr(pcs[e, _IDX]), pcs[e, _NIDX], np.int64), lo * tile)
+    for tt in range(lo, hi):
+        t0 = tt * tile
+        t1 = min(n, t0 + tile)
+        tl = t1 - t0
+        if mode == 2:  # MIX works on the output tile directly
             for i in range(tl):
-                acc_m[i] = 0.0
-    for e in range(kinds.shape[0]):
-        kind = kinds[e]
-        w = weights[e]
-        v = vals[e]
-        s = slots[e]
-        if kind == 0:  # dense
-            if mode == 2:
+                out[t0 + i] = old[t0 + i]
+        else:
+            for i in range(tl):
+                acc_w[i] = 0.0
+            if mode == 0:
                 for i in range(tl):
-                    out[t0 + i] = out[t0 + i] * (1.0 - w) + v[t0 + i] * w
-            else:
-                for i in range(tl):
-                    acc_w[i] += w * v[t0 + i]
-                if mode == 0:
+                    acc_m[i] = 0.0
+        for e in range(p0, p1):
+            kind = pcs[e, _K]
+            w = weights[e]
+            v = numba.carray(_voidptr(pcs[e, _VAL]), pcs[e, _NVAL], like.dtype)
+            if kind == 0:  # dense
+                if mode == 2:
                     for i in range(tl):
-                        acc_m[i] += w
-        elif kind == 1 or kind == 2:  # sparse, int32 / int64 indices
-            if kind == 1:
-                ix32 = i32[s]
-                c0 = cur[e]
-                c1 = c0 + np.searchsorted(ix32[c0:min(ix32.shape[0], c0 + tl)], t1)
-                cur[e] = c1
+                        out[t0 + i] = out[t0 + i] * (1.0 - w) + v[t0 + i] * w
+                else:
+                    for i in range(tl):
+                        acc_w[i] += w * v[t0 + i]
+                    if mode == 0:
+                        for i in range(tl):
+                            acc_m[i] += w
+            elif kind == 1:  # sparse, int32 indices (the common case)
+                ix = numba.carray(_voidptr(pcs[e, _IDX]), pcs[e, _NIDX], np.int32)
+                c0 = cur[e - p0]
+                c1 = c0 + np.searchsorted(ix[c0:min(ix.shape[0], c0 + tl)], t1)
+                cur[e - p0] = c1
                 if mode == 0:
                     for c in range(c0, c1):
-                        j = np.int64(ix32[c]) - t0
-                        if (j | (tl - 1 - j)) >= 0:  # 0 <= j < tl with one branch
-                            acc_w[j] += w * v[c]
-                            acc_m[j] += w
+                        j = (np.int64(ix[c]) - t0) & wrap
+                        acc_w[j] += w * v[c]
+                        acc_m[j] += w
                 elif mode == 1:
                     for c in range(c0, c1):
-                        j = np.int64(ix32[c]) - t0
-                        if (j | (tl - 1 - j)) >= 0:
-                            acc_w[j] += w * v[c]
+                        j = (np.int64(ix[c]) - t0) & wrap
+                        acc_w[j] += w * v[c]
                 else:
                     for c in range(c0, c1):
-                        j = np.int64(ix32[c])
+                        j = np.int64(ix[c])
                         if j >= t0 and j < t1:
                             out[j] = out[j] * (1.0 - w) + v[c] * w
-            else:
-                ix64 = i64[s]
-                c0 = cur[e]
+            elif kind == 2:  # sparse, int64 indices
+                ix64 = numba.carray(_voidptr(pcs[e, _IDX]), pcs[e, _NIDX], np.int64)
+                c0 = cur[e - p0]
                 c1 = c0 + np.searchsorted(ix64[c0:min(ix64.shape[0], c0 + tl)], t1)
-                cur[e] = c1
+                cur[e - p0] = c1
                 for c in range(c0, c1):
                     j = ix64[c] - t0
-                    if j >= 0 and j < tl:
-                        if mode == 2:
-                            out[t0 + j] = out[t0 + j] * (1.0 - w) + v[c] * w
-                        else:
-                            acc_w[j] += w * v[c]
-                            if mode == 0:
-                                acc_m[j] += w
-        elif kind == 3:  # slices: rows of the leading axis x flat offsets inside a row
-            r = rows[s]
-            off = inner[s]
-            stride = strides[e]
-            n_in = off.shape[0]
-            a0 = np.searchsorted(r, t0 // stride)
-            a1 = np.searchsorted(r, (t1 - 1) // stride, side="right")
-            for a in range(a0, a1):
-                base = r[a] * stride
-                b0 = np.searchsorted(off, t0 - base) if base < t0 else 0
-                b1 = np.searchsorted(off, t1 - base) if base + stride > t1 else n_in
-                for b in range(b0, b1):
-                    j = base + off[b] - t0
-                    if j >= 0 and j < tl:
-                        x = v[a * n_in + b]
-                        if mode == 2:
-                            out[t0 + j] = out[t0 + j] * (1.0 - w) + x * w
-                        else:
-                            acc_w[j] += w * x
-                            if mode == 0:
-                                acc_m[j] += w
-        else:  # masked full-shape values
-            m = masks[s]
-            if mode == 2:
-                for i in range(tl):
-                    if m[t0 + i]:
-                        out[t0 + i] = out[t0 + i] * (1.0 - w) + v[t0 + i] * w
-            else:
-                for i in range(tl):
-                    if m[t0 + i]:
-                        acc_w[i] += w * v[t0 + i]
+                    if mode != 2:
+                        acc_w[j & wrap] += w * v[c]
                         if mode == 0:
-                            acc_m[i] += w
-    if mode == 0:  # branch-free so that the division vectorises
-        for i in range(tl):
-            d = acc_m[i]
-            q = acc_w[i] / (d if d > 0.0 else 1.0)
-            out[t0 + i] = q if d > 0.0 else old[t0 + i]
-    elif mode == 1:
-        for i in range(tl):
-            out[t0 + i] = old[t0 + i] + acc_w[i] * scale
+                            acc_m[j & wrap] += w
+                    elif j >= 0 and j < tl:
+                        out[t0 + j] = out[t0 + j] * (1.0 - w) + v[c] * w
+            elif kind == 3:  # slices: rows of the leading axis x flat offsets inside a row
+                r = numba.carray(_voidptr(pcs[e, _IDX]), pcs[e, _NIDX], np.int64)
+                off = numba.carray(_voidptr(pcs[e, _INN]), pcs[e, _NINN], np.int64)
+                stride = pcs[e, _STRIDE]
+                n_in = off.shape[0]
+                a0 = np.searchsorted(r, t0 // stride)
+                a1 = np.searchsorted(r, (t1 - 1) // stride, side="right")
+                for a in range(a0, a1):
+                    base = r[a] * stride
+                    b0 = np.searchsorted(off, t0 - base) if base < t0 else 0
+                    b1 = np.searchsorted(off, t1 - base) if base + stride > t1 else n_in
+                    for b in range(b0, b1):
+                        j = base + off[b] - t0
+                        if j >= 0 and j < tl:
+                            x = v[a * n_in + b]
+                            if mode == 2:
+                                out[t0 + j] = out[t0 + j] * (1.0 - w) + x * w
+                            else:
+                                acc_w[j] += w * x
+                                if mode == 0:
+                                    acc_m[j] += w
+            else:  # masked full-shape values
+                m = numba.carray(_voidptr(pcs[e, _IDX]), pcs[e, _NIDX], np.bool_)
+                if mode == 2:
+                    for i in range(tl):
+                        if m[t0 + i]:
+                            out[t0 + i] = out[t0 + i] * (1.0 - w) + v[t0 + i] * w
+                else:
+                    for i in range(tl):
+                        if m[t0 + i]:
+                            acc_w[i] += w * v[t0 + i]
+                            if mode == 0:
+                                acc_m[i] += w
+        if mode == 0:  # branch-free so that the division vectorises
+            for i in range(tl):
+                d = acc_m[i]
+                q = acc_w[i] / (d if d > 0.0 else 1.0)
+                out[t0 + i] = q if d > 0.0 else old[t0 + i]
+        elif mode == 1:
+            for i in range(tl):
+                out[t0 + i] = old[t0 + i] + acc_w[i] * scale
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _chunk(ch, nchunks, n, tile, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-           old, out, mode, scale):
-    ntiles = (n + tile - 1) // tile
-    lo = ch * ntiles // nchunks
-    hi = (ch + 1) * ntiles // nchunks
-    acc_w = np.empty(tile, np.float64)
-    acc_m = np.empty(tile if mode == 0 else 1, np.float64)
-    cur = np.zeros(kinds.shape[0], np.int64)
-    for e in range(kinds.shape[0]):
-        if kinds[e] == 1:
-            cur[e] = np.searchsorted(i32[slots[e]], lo * tile)
-        elif kinds[e] == 2:
-            cur[e] = np.searchsorted(i64[slots[e]], lo * tile)
-    for t in range(lo, hi):
-        t0 = t * tile
-        t1 = min(n, t0 + tile)
-        _tile(t0, t1, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-              old, out, mode, scale, acc_w, acc_m, cur)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _merge_serial(n, tile, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-                  old, out, mode, scale):
-    _chunk(0, 1, n, tile, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-           old, out, mode, scale)
+def _run_serial(work, tens, pcs, weights, like, mode, scale, tile):
+    for wi in range(work.shape[0]):
+        _item(wi, work, tens, pcs, weights, like, mode, scale, tile)
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _merge_parallel(n, tile, nchunks, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-                    old, out, mode, scale):
-    for ch in prange(nchunks):
-        _chunk(ch, nchunks, n, tile, kinds, slots, weights, strides, vals, i32, i64, rows, inner, masks,
-               old, out, mode, scale)
+def _run_parallel(work, tens, pcs, weights, like, mode, scale, tile):
+    for wi in prange(work.shape[0]):
+        _item(wi, work, tens, pcs, weights, like, mode, scale, tile)
 
 
 # ---------------------------------------------------------------------- packing
 def _ro(a: np.ndarray, dtype=None) -> np.ndarray:
-    """Flat, C-contiguous, read-only view (a copy only when ``a`` is not contiguous
-    or has another dtype): the typed lists need one array type per list."""
-    a = np.ascontiguousarray(a, dtype=dtype).reshape(-1).view()
-    a.flags.writeable = False
-    return a
+    """Flat, C-contiguous view (a copy only when ``a`` is not contiguous or
+    has another dtype)."""
+    return np.ascontiguousarray(a, dtype=dtype).reshape(-1)
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
 
 
 def _slice_offsets(index: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
@@ -245,63 +267,54 @@ def _slice_offsets(index: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.nd
     return off
 
 
-def _pack(pieces: Sequence, shape: tuple[int, ...], dtype: np.dtype, name: str):
+def _row(p, shape: tuple[int, ...], dtype: np.dtype, name: str, keep: list) -> list[int]:
+    """One pieces-table row; appends every array it points to to ``keep``."""
     n = math.prod(shape)
-    kinds = np.empty(len(pieces), np.int64)
-    slots = np.zeros(len(pieces), np.int64)
-    strides = np.ones(len(pieces), np.int64)
-    vals, i32, i64, rows, inner, masks = (typed.List() for _ in range(6))
-    for e, p in enumerate(pieces):
-        v = np.asarray(p.values)
-        if v.dtype != dtype:
-            raise ValueError(f"{name!r}: piece values have dtype {v.dtype}, expected {dtype}")
-        vals.append(_ro(v))
-        if p.kind == "dense":
-            if v.size != n:
-                raise ValueError(f"{name!r}: dense piece has {v.size} values, expected {n}")
-            kinds[e] = _DENSE
-        elif p.kind == "sparse" or (p.kind == "slices" and len(shape) == 1 and len(p.index) == 1):
-            ix = np.asarray(p.index[0])  # a 1-D slice index is a flat sparse index
-            if ix.ndim != 1 or ix.shape[0] != v.size or not np.issubdtype(ix.dtype, np.integer):
-                raise ValueError(f"{name!r}: sparse index does not match its {v.size} values")
-            if ix.size and (ix[0] < 0 or ix[-1] >= n):
-                raise ValueError(f"{name!r}: sparse index out of range [0, {n})")
-            if ix.dtype == np.int32:
-                kinds[e], slots[e] = _SPARSE32, len(i32)
-                i32.append(_ro(ix))
-            else:
-                kinds[e], slots[e] = _SPARSE64, len(i64)
-                i64.append(_ro(ix, np.int64))
-        elif p.kind == "slices":
-            index = [np.asarray(ix) for ix in p.index]
-            if len(index) != len(shape) or not shape:
-                raise ValueError(f"{name!r}: slices need one index per axis of {shape}")
-            for ax, ix in enumerate(index):
-                if ix.size and (ix.min() < 0 or ix.max() >= shape[ax]):
-                    raise ValueError(f"{name!r}: slice index of axis {ax} out of range [0, {shape[ax]})")
-            if v.size != math.prod(len(ix) for ix in index):
-                raise ValueError(f"{name!r}: slice values do not match the index block")
-            kinds[e], slots[e] = _SLICES, len(rows)
-            strides[e] = max(1, math.prod(shape[1:]))
-            rows.append(index[0].astype(np.int64))
-            inner.append(_slice_offsets(index, shape))
-        elif p.kind == "masked":
-            m = np.asarray(p.index[0])
-            if m.dtype != np.bool_ or m.size != n or v.size != n:
-                raise ValueError(f"{name!r}: masked piece needs a bool mask and values of {n} elements")
-            kinds[e], slots[e] = _MASKED, len(masks)
-            masks.append(_ro(m))
-        else:
-            raise ValueError(f"{name!r}: unknown piece kind {p.kind!r}")
-    # Every typed list needs its element type even when no piece uses it.
-    for lst, like in ((vals, np.empty(0, dtype)), (i32, np.empty(0, np.int32)), (i64, np.empty(0, np.int64)),
-                      (masks, np.empty(0, np.bool_))):
-        if len(lst) == 0:
-            lst.append(_ro(like))
-    for lst in (rows, inner):
-        if len(lst) == 0:
-            lst.append(np.zeros(1, np.int64))
-    return kinds, slots, strides, vals, i32, i64, rows, inner, masks
+    v = np.asarray(p.values)
+    if v.dtype != dtype:
+        raise ValueError(f"{name!r}: piece values have dtype {v.dtype}, expected {dtype}")
+    v = _ro(v)
+    keep.append(v)
+    row = [0, _addr(v), v.size, 0, 0, 0, 0, 1]
+    if p.kind == "dense":
+        if v.size != n:
+            raise ValueError(f"{name!r}: dense piece has {v.size} values, expected {n}")
+    elif p.kind == "sparse" or (p.kind == "slices" and len(shape) == 1 and len(p.index) == 1):
+        ix = np.asarray(p.index[0])  # a 1-D slice index is a flat sparse index
+        if ix.ndim != 1 or ix.shape[0] != v.size or not np.issubdtype(ix.dtype, np.integer):
+            raise ValueError(f"{name!r}: sparse index does not match its {v.size} values")
+        if ix.size and (ix[0] < 0 or ix[-1] >= n):
+            raise ValueError(f"{name!r}: sparse index out of range [0, {n})")
+        ix = _ro(ix) if ix.dtype == np.int32 else _ro(ix, np.int64)
+        keep.append(ix)
+        row[_K] = _SPARSE32 if ix.dtype == np.int32 else _SPARSE64
+        row[_IDX], row[_NIDX] = _addr(ix), ix.size
+    elif p.kind == "slices":
+        index = [np.asarray(ix) for ix in p.index]
+        if len(index) != len(shape) or not shape:
+            raise ValueError(f"{name!r}: slices need one index per axis of {shape}")
+        for ax, ix in enumerate(index):
+            if ix.size and (ix.min() < 0 or ix.max() >= shape[ax]):
+                raise ValueError(f"{name!r}: slice index of axis {ax} out of range [0, {shape[ax]})")
+        if v.size != math.prod(len(ix) for ix in index):
+            raise ValueError(f"{name!r}: slice values do not match the index block")
+        rows = index[0].astype(np.int64)
+        inner = _slice_offsets(index, shape)
+        keep.extend((rows, inner))
+        row[_K] = _SLICES
+        row[_IDX], row[_NIDX], row[_INN], row[_NINN] = _addr(rows), rows.size, _addr(inner), inner.size
+        row[_STRIDE] = max(1, math.prod(shape[1:]))
+    elif p.kind == "masked":
+        m = np.asarray(p.index[0])
+        if m.dtype != np.bool_ or m.size != n or v.size != n:
+            raise ValueError(f"{name!r}: masked piece needs a bool mask and values of {n} elements")
+        m = _ro(m)
+        keep.append(m)
+        row[_K] = _MASKED
+        row[_IDX], row[_NIDX] = _addr(m), m.size
+    else:
+        raise ValueError(f"{name!r}: unknown piece kind {p.kind!r}")
+    return row
 
 
 def _check_mode(mode: int, weights: np.ndarray) -> None:
@@ -313,44 +326,81 @@ def _check_mode(mode: int, weights: np.ndarray) -> None:
         raise ValueError("mixing rates must be in [0, 1]")
 
 
+def merge_many(olds: Sequence[np.ndarray], pieces: Sequence[Sequence], weights: Sequence[Sequence[float]],
+               mode: int = MEAN, *, scale: float = 1.0, tile: int | None = None, parallel: bool | None = None,
+               names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """:func:`merge` for several tensors of one dtype in one kernel call.
+
+    ``pieces[t]`` / ``weights[t]`` belong to ``olds[t]``. With ``parallel``
+    (default: when ``numba.get_num_threads() > 1``) the tiles of all tensors
+    are cut into about four contiguous work items per thread and run with
+    ``prange``; each coordinate's sum is the same whatever the cut.
+    """
+    olds = [np.asarray(o) for o in olds]
+    names = [f"tensor {i}" for i in range(len(olds))] if names is None else list(names)
+    if not (len(pieces) == len(weights) == len(olds) == len(names)):
+        raise ValueError("olds, pieces, weights and names must have the same length")
+    if not olds:
+        return []
+    dtype = olds[0].dtype
+    if dtype not in DTYPES or any(o.dtype != dtype for o in olds):
+        raise ValueError(f"merge kernels take tensors of one dtype among float32/float64, got "
+                         f"{sorted({str(o.dtype) for o in olds})}")
+    tile = TILE if tile is None else int(tile)
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    tile = 1 << (tile - 1).bit_length()  # a power of two (see _item)
+    keep: list[np.ndarray] = []
+    outs: list[np.ndarray] = []
+    tens, rows, wts, spans = [], [], [], []
+    for old, ps, ws, name in zip(olds, pieces, weights, names):
+        w = np.asarray(ws, dtype=np.float64).reshape(-1)
+        if w.size != len(ps):
+            raise ValueError(f"{name!r}: {len(ps)} pieces but {w.size} weights")
+        _check_mode(mode, w)
+        out = np.empty(old.shape, dtype)
+        outs.append(out)
+        if old.size == 0 or not ps:
+            out[...] = old
+            continue
+        flat_old = _ro(old)
+        keep.append(flat_old)
+        p0 = len(rows)
+        rows.extend(_row(p, tuple(old.shape), dtype, name, keep) for p in ps)
+        wts.append(w)
+        tens.append([_addr(flat_old), _addr(out), old.size, p0, len(rows)])
+        spans.append((-(-old.size // tile)))
+    if not tens:
+        return outs
+    threads = numba.get_num_threads()
+    total = sum(spans)
+    if parallel is None:
+        parallel = threads > 1 and total > 1
+    per_item = max(1, -(-total // (4 * threads))) if parallel else max(spans)
+    work = [[t, lo, min(lo + per_item, nt)] for t, nt in enumerate(spans) for lo in range(0, nt, per_item)]
+    args = (np.array(work, np.int64), np.array(tens, np.int64), np.array(rows, np.int64),
+            np.concatenate(wts), np.empty(0, dtype), mode, float(scale), tile)
+    (_run_parallel if parallel else _run_serial)(*args)
+    del keep
+    return outs
+
+
 def merge(old: np.ndarray, pieces: Sequence, weights: Sequence[float], mode: int = MEAN, *,
-          scale: float = 1.0, tile: int = TILE, parallel: bool | None = None, name: str = "tensor") -> np.ndarray:
+          scale: float = 1.0, tile: int | None = None, parallel: bool | None = None, name: str = "tensor") -> np.ndarray:
     """Merge ``pieces`` of one tensor into a new array shaped and typed like ``old``.
 
     ``weights[i]`` belongs to ``pieces[i]``; ``scale`` is the DELTA step factor
-    (ignored otherwise). ``parallel=None`` runs the tiles on
-    ``numba.get_num_threads()`` threads when the tensor has at least two
-    tiles; ``True`` / ``False`` force it. ``name`` only labels errors.
-    ``old``'s dtype must be in :data:`DTYPES`.
+    (ignored otherwise); ``tile`` (default :data:`TILE`, read at call time)
+    is rounded up to a power of two.
+    ``parallel=None`` runs on ``numba.get_num_threads()`` threads when there
+    are at least two tiles; ``True`` / ``False`` force it. ``name`` only
+    labels errors. ``old``'s dtype must be in :data:`DTYPES`.
     """
     old = np.asarray(old)
     if old.dtype not in DTYPES:
         raise ValueError(f"{name!r}: merge kernels take float32/float64 tensors, got {old.dtype}")
-    w = np.ascontiguousarray(weights, dtype=np.float64).reshape(-1)
-    if w.size != len(pieces):
-        raise ValueError(f"{name!r}: {len(pieces)} pieces but {w.size} weights")
-    _check_mode(mode, w)
-    tile = int(tile)
-    if tile < 1:
-        raise ValueError(f"tile must be >= 1, got {tile}")
-    flat_old = _ro(old)
-    out = np.empty(old.shape, old.dtype)
-    n = flat_old.size
-    if n == 0 or not pieces:
-        out[...] = old
-        return out
-    kinds, slots, strides, *lists = _pack(pieces, tuple(old.shape), old.dtype, name)
-    packed = (kinds, slots, w, strides, *lists)
-    ntiles = (n + tile - 1) // tile
-    threads = numba.get_num_threads()
-    if parallel is None:
-        parallel = threads > 1 and ntiles > 1
-    flat_out = out.reshape(-1)
-    if parallel:
-        _merge_parallel(n, tile, max(1, min(threads, ntiles)), *packed, flat_old, flat_out, mode, float(scale))
-    else:
-        _merge_serial(n, tile, *packed, flat_old, flat_out, mode, float(scale))
-    return out
+    return merge_many([old], [pieces], [weights], mode, scale=scale, tile=tile, parallel=parallel,
+                      names=[name])[0]
 
 
 # --------------------------------------------------------------------- reference

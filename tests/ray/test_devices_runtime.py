@@ -43,7 +43,7 @@ def test_real_throttling_slows_a_quarter_speed_device_about_4x(ray_session, tmp_
     """Same work, alternating a 1x and a 0.25x device on one actor so both see the same machine."""
     cfg = from_dict({"data": {"num_clients": 10, "cache_dir": str(tmp_path)},
                      "model": {"name": "cnn", "options": {"channels": [16, 32], "hidden": 64}},
-                     "devices": {"mode": "real"}, "train": {"local_steps": 20, "batch_size": 64}})
+                     "devices": {"mode": "real"}, "train": {"local_steps": 60, "batch_size": 64}})
     s = prepare(cfg)
     ds = s.dataset
     actor = ClientActor.remote(cfg, {"x": ds.x_train, "y": ds.y_train}, s.partitions, ds.input_shape, ds.num_classes)

@@ -64,7 +64,7 @@ def test_threshold_never_below_min_sleep():
 
 
 def test_timed_measures_block_with_clock():
-    thr, fake = make(0.5)
+    thr, fake = make(0.5, period_s=0.02)
     with thr.timed():
         fake.now += 0.05
     assert thr.measured.busy_s == pytest.approx(0.05)

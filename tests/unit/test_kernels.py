@@ -1,0 +1,262 @@
+"""Tile merge kernels and the payload buffer against the numpy rules.
+
+Every check compares bit for bit: the kernels form the same float64 products
+and sums in contribution order as :class:`rules.MaskedAccumulator`.
+"""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from fedray.aggregation import kernels as K
+from fedray.aggregation import rules
+from fedray.aggregation.actor import AggregatorCore
+from fedray.aggregation.buffer import PayloadMask, PayloadValues, lazy_decode, payload_backed
+from fedray.submodel.encode import Entry, Payload, decode, encode, encode_tensor
+from fedray.update import Update
+
+SHAPES = {"conv": (6, 5, 3, 3), "fc": (7, 11), "bias": (13,), "scalar": ()}
+
+
+def model(rng, dtype=np.float32):
+    p = {k: rng.normal(size=s).astype(dtype) for k, s in SHAPES.items()}
+    p["count"] = np.array(5, np.int64)
+    p["flag"] = np.zeros(4, bool)
+    return p
+
+
+def random_mask(rng, shape, how):
+    if how == "dense":
+        return np.ones(shape, bool)
+    if how == "empty":
+        return np.zeros(shape, bool)
+    if how == "slices" and len(shape) >= 1:
+        m = np.zeros(shape, bool)
+        idx = [np.sort(rng.choice(n, max(1, n // 2), replace=False)) for n in shape]
+        m[np.ix_(*idx)] = True
+        return m
+    return rng.random(shape) < rng.uniform(0.1, 0.9)
+
+
+def client(rng, g, how=None):
+    """(values, mask) with a per-tensor coverage drawn from sparse/slices/dense/empty/absent."""
+    vals, mask = {}, {}
+    for k, v in g.items():
+        choice = how or rng.choice(["sparse", "slices", "dense", "empty", "absent"])
+        if choice == "absent":
+            continue
+        if np.issubdtype(v.dtype, np.floating):
+            vals[k] = (v + rng.normal(size=v.shape)).astype(v.dtype)
+        elif v.dtype == bool:
+            vals[k] = rng.random(v.shape) < 0.5
+        else:
+            vals[k] = (v + rng.integers(-3, 4, size=v.shape)).astype(v.dtype)
+        mask[k] = random_mask(rng, v.shape, choice)
+    return vals, mask
+
+
+def contributions(rng, g, k, how=None):
+    shapes = {n: v.shape for n, v in g.items()}
+    fast, plain = [], []
+    for _ in range(k):
+        vals, mask = client(rng, g, how)
+        p = encode(vals, mask)
+        w = float(rng.choice([0.0, 1.0, 2.5, rng.uniform(0.1, 30)]))
+        fast.append(rules.Contribution(*lazy_decode(p, shapes), w))
+        plain.append(rules.Contribution(*decode(p, shapes), w))
+    return fast, plain
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ kernel vs reference
+@pytest.mark.parametrize("mode", [K.MEAN, K.DELTA, K.MIX])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_equals_reference_across_tiles_and_threads(mode, dtype):
+    rng = np.random.default_rng(mode)
+    shape = (9, 4, 5)
+    old = rng.normal(size=shape).astype(dtype)
+    pieces, ws = [], []
+    for how in ["sparse", "slices", "dense", "sparse", "slices"]:
+        e = encode_tensor(rng.normal(size=shape).astype(dtype), None if how == "dense" else random_mask(rng, shape, how))
+        pieces.append(e)
+        ws.append(rng.uniform(0, 1))
+    vals = rng.normal(size=shape).astype(dtype)
+    m = random_mask(rng, shape, "sparse")
+    vals[~m] = np.nan  # never read
+    pieces.append(K.Piece("masked", vals, (m,)))
+    ws.append(0.5)
+    pieces.append(Entry("sparse", rng.normal(size=3).astype(dtype), (np.array([0, 77, 179], np.int64),)))
+    ws.append(0.25)
+    ref = K.merge_reference(old, pieces, ws, mode, scale=0.3)
+    assert np.isfinite(ref).all()
+    for tile in (1, 5, 16, 64, 4096):  # 5 rounds up to 8
+        for parallel in (False, True):
+            out = K.merge(old, pieces, ws, mode, scale=0.3, tile=tile, parallel=parallel)
+            assert out.dtype == old.dtype and out.shape == old.shape
+            np.testing.assert_array_equal(out, ref, err_msg=f"tile={tile} parallel={parallel}")
+
+
+def test_merge_many_matches_single_tensor_merges():
+    rng = np.random.default_rng(1)
+    olds = [rng.normal(size=s).astype(np.float32) for s in [(50,), (3, 40), (2, 2, 33)]]
+    pieces = [[encode_tensor(rng.normal(size=o.shape).astype(np.float32), random_mask(rng, o.shape, "sparse"))
+               for _ in range(3)] for o in olds]
+    ws = [rng.uniform(0, 2, size=3) for _ in olds]
+    outs = K.merge_many(olds, pieces, ws, K.MEAN, tile=16, parallel=True)
+    for o, ps, w, out in zip(olds, pieces, ws, outs):
+        np.testing.assert_array_equal(out, K.merge(o, ps, w, K.MEAN, tile=16, parallel=False))
+
+
+def test_kernel_edge_cases():
+    old = np.arange(10, dtype=np.float32)
+    assert np.array_equal(K.merge(old, [], []), old)
+    zero_w = [Entry("sparse", np.full(2, 7, np.float32), (np.array([1, 8], np.int32),))]
+    np.testing.assert_array_equal(K.merge(old, zero_w, [0.0]), old)  # zero weight changes nothing
+    np.testing.assert_array_equal(K.merge(old, zero_w, [2.0]), np.where(np.isin(np.arange(10), [1, 8]), 7, old))
+    np.testing.assert_array_equal(K.merge(old, zero_w, [1.0], K.DELTA, scale=0.5),
+                                  old + np.where(np.isin(np.arange(10), [1, 8]), 3.5, 0))
+    np.testing.assert_array_equal(K.merge(old, zero_w, [0.25], K.MIX),
+                                  np.where(np.isin(np.arange(10), [1, 8]), 0.75 * old + 0.25 * 7, old))
+    scalar = np.array(2.0, np.float32)
+    assert K.merge(scalar, [Entry("dense", np.array(4.0, np.float32))], [1.0]).shape == ()
+    with pytest.raises(ValueError, match="out of range"):
+        K.merge(old, [Entry("sparse", np.ones(1, np.float32), (np.array([10], np.int32),))], [1.0])
+    with pytest.raises(ValueError, match="dtype"):
+        K.merge(old, [Entry("dense", np.ones(10, np.float64))], [1.0])
+    with pytest.raises(ValueError, match="weights"):
+        K.merge(old, zero_w, [-1.0])
+    with pytest.raises(ValueError, match="float32/float64"):
+        K.merge(old.astype(np.float16), [], [])
+
+
+# ------------------------------------------------------------------ rules fast path
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_masked_mean_fast_path_equals_numpy_rules(k):
+    rng = np.random.default_rng(k)
+    g = model(rng)
+    fast, plain = contributions(rng, g, k)
+    assert payload_backed(fast) and not payload_backed(plain)
+    assert_same(rules.masked_mean(g, fast), rules.masked_mean(g, plain))
+    assert_same(rules.width_sliced_mean(g, fast), rules.width_sliced_mean(g, plain))
+    assert_same(rules.apply_delta_mean(g, fast, 0.7), rules.apply_delta_mean(g, plain, 0.7))
+    rates = rng.uniform(0, 1, size=k)
+    assert_same(rules.masked_mix(g, fast, rates), rules.masked_mix(g, plain, rates))
+
+
+def test_masked_mix_is_fedasync_mix_of_masked_targets():
+    from fedray.methods.fedasync import masked_target
+
+    rng = np.random.default_rng(5)
+    g = model(rng)
+    fast, plain = contributions(rng, g, 3)
+    theta = g
+    for c, r in zip(plain, [0.3, 0.6, 1.0]):
+        theta = rules.mix(theta, masked_target(theta, c), r)
+    assert_same(rules.masked_mix(g, fast, [0.3, 0.6, 1.0]), theta)
+
+
+def test_float64_model_and_all_sparse_vgg_like_masks():
+    rng = np.random.default_rng(7)
+    g = model(rng, np.float64)
+    fast, plain = contributions(rng, g, 4, how="sparse")
+    assert_same(rules.masked_mean(g, fast), rules.masked_mean(g, plain))
+
+
+def test_empty_coverage_keeps_values_and_counts_for_delta():
+    rng = np.random.default_rng(3)
+    g = model(rng)
+    shapes = {k: v.shape for k, v in g.items()}
+    empty = rules.Contribution(*lazy_decode(Payload({}), shapes), 4.0)
+    assert_same(rules.masked_mean(g, [empty]), {k: v.copy() for k, v in g.items()})
+    fast, plain = contributions(rng, g, 2)
+    # K = 3 contributions: the empty one still counts in FedBuff's 1/K
+    assert_same(rules.apply_delta_mean(g, fast + [empty], 1.0),
+                rules.apply_delta_mean(g, plain + [rules.Contribution({}, {}, 4.0)], 1.0))
+
+
+def test_filtered_mask_dicts_and_nan_outside_mask():
+    """HeteroFL passes a filtered plain dict of the decoded masks; arbitrary masks
+    over payload values go to the masked piece, NaN outside the mask is ignored."""
+    rng = np.random.default_rng(11)
+    g = model(rng)
+    fast, plain = contributions(rng, g, 3, how="sparse")
+    keep = ["conv", "bias", "count"]
+    f2 = [rules.Contribution(c.values, {k: c.mask[k] for k in keep if k in c.mask}, c.weight) for c in fast]
+    p2 = [rules.Contribution(c.values, {k: c.mask[k] for k in keep if k in c.mask}, c.weight) for c in plain]
+    assert_same(rules.masked_mean(g, f2), rules.masked_mean(g, p2))
+    # An own mask (not the payload's) over payload values: coordinates the payload lacks read as 0.
+    own = random_mask(rng, SHAPES["fc"], "sparse")
+    f3 = [rules.Contribution(fast[0].values, {"fc": own}, 1.0)]
+    p3 = [rules.Contribution(plain[0].values, {"fc": own}, 1.0)]
+    assert_same(rules.masked_mean(g, f3), rules.masked_mean(g, p3))
+    nan_vals = np.where(own, 1.0, np.nan).astype(np.float32)
+    out = K.merge(g["fc"], [K.Piece("masked", nan_vals, (own,))], [2.0])
+    np.testing.assert_array_equal(out, np.where(own, 1.0, g["fc"]))
+
+
+def test_fast_path_errors_match_rules():
+    rng = np.random.default_rng(2)
+    g = model(rng)
+    fast, _ = contributions(rng, g, 1, how="sparse")
+    bad_w = rules.Contribution(fast[0].values, fast[0].mask, -1.0)
+    with pytest.raises(ValueError, match="weight"):
+        rules.masked_mean(g, [bad_w])
+    small = {k: v for k, v in g.items() if k != "conv"}
+    with pytest.raises(ValueError, match="unknown parameter key 'conv'"):
+        rules.masked_mean(small, fast)
+    with pytest.raises(ValueError, match="mixing rate"):
+        rules.masked_mix(g, fast, [1.5])
+
+
+# ------------------------------------------------------------------ buffer and aggregator
+def test_lazy_decode_is_decode_without_decoding():
+    rng = np.random.default_rng(4)
+    g = model(rng)
+    vals, mask = client(rng, g, "sparse")
+    p = encode(vals, mask)
+    shapes = {k: v.shape for k, v in g.items()}
+    lv, lm = lazy_decode(p, shapes)
+    assert isinstance(lv, PayloadValues) and isinstance(lm, PayloadMask)
+    assert lv.source._values == {}  # nothing decoded yet
+    dv, dm = decode(p, shapes)
+    assert set(lv) == set(dv) == set(lm) and len(lv) == len(dv) and "nope" not in lv
+    for k in dv:
+        np.testing.assert_array_equal(lv[k], dv[k])
+        np.testing.assert_array_equal(lm[k], dm[k])
+        assert not lv[k].flags.writeable and not lm[k].flags.writeable
+        assert lm[k] is lm[k]  # cached
+    with pytest.raises(KeyError):
+        lv["nope"]
+    c = rules.Contribution(lv, lm, 2.0)
+    c2 = pickle.loads(pickle.dumps(c))  # checkpoints carry the payload, not decoded arrays
+    assert c2.values.source is c2.mask.source and c2.values.source._values == {}
+    assert_same(rules.masked_mean(g, [c2]), rules.masked_mean(g, [c]))
+
+
+def test_aggregator_core_buffers_payloads_and_merges_them():
+    from fedray.config import from_dict
+    from fedray.methods import registry
+
+    rng = np.random.default_rng(6)
+    g = {k: v for k, v in model(rng).items()}
+    cfg = from_dict({"method": {"name": "fedbuff", "buffer_size": 3, "staleness": "constant"},
+                     "data": {"name": "digits", "num_clients": 10}})
+    core = AggregatorCore(g, registry.get("fedbuff")(cfg, None))
+    payloads = [encode(*client(rng, g, "sparse")) for _ in range(3)]
+    for i, p in enumerate(payloads[:2]):
+        core.receive([(Update(dispatch_id=i, client_id=i, base_version=0, num_examples=10, kind="delta"), p, None)])
+    assert all(isinstance(c.values, PayloadValues) for _, c in core.pending)
+    assert all(c.values.source._values == {} for _, c in core.pending)  # still encoded
+    core.receive([(Update(dispatch_id=2, client_id=2, base_version=0, num_examples=10, kind="delta"), payloads[2], None)])
+    assert core.version == 1
+    shapes = {k: v.shape for k, v in g.items()}
+    expect = rules.apply_delta_mean(g, [rules.Contribution(*decode(p, shapes), 1.0) for p in payloads], 1.0)
+    assert_same(core.params, expect)
