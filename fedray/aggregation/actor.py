@@ -16,6 +16,7 @@ import torch
 from fedray.aggregation import rules, validate
 from fedray.aggregation.buffer import lazy_decode
 from fedray.client.trainer import evaluate, load_params, resolve_device
+from fedray.runtime.cluster import fetch_lists
 from fedray.submodel.encode import Payload
 from fedray.update import Update
 
@@ -83,9 +84,11 @@ class AggregatorCore:
         self.version += 1
         return True
 
-    def receive(self, items, *, force: bool = False, evaluate: bool = True) -> dict:
+    def receive(self, items, *, force: bool = False, evaluate: bool = True, close: bool = False) -> dict:
         """Admit ``items`` = [(header, payload, expected_keys)] in order; aggregate when
-        the method's trigger fires after an admission, or at the end if ``force``."""
+        the method's trigger fires after an admission, or at the end if ``force``.
+        ``close`` (synchronous rounds): the round always ends in a new version, the
+        unchanged model when nothing could be aggregated."""
         results, aggregated, staleness = [], False, []
         for h, p, e in items:
             staleness.append(self.version - h.base_version)
@@ -95,6 +98,9 @@ class AggregatorCore:
         buffered = len(self.pending)
         if force:
             aggregated = self.aggregate() or aggregated
+        if close and not aggregated:
+            self.version += 1
+            aggregated = True
         out = {"version": self.version, "aggregated": aggregated, "results": results, "staleness": staleness,
                "buffer": buffered, "rejected": dict(self.rejected)}
         if aggregated:
@@ -151,13 +157,31 @@ class AggregatorActor:
             self.puts += 1
         return [self._ref]
 
-    def receive(self, items: list, force: bool = False, evaluate: bool = True) -> dict:
-        """``items`` = [(header, [payload_ref], expected_keys)]; payloads are fetched here."""
-        refs = [p[0] if isinstance(p, list) else p for _, p, _ in items]
-        payloads = ray.get(refs) if refs else []
-        out = self.core.receive([(h, p, e) for (h, _, e), p in zip(items, payloads)], force=force, evaluate=evaluate)
+    def receive(self, calls: list, items: list, force: bool = False, evaluate: bool = True) -> dict:
+        """``calls`` = [[headers_ref, payloads_ref]], one pair per client-actor call; ``items`` =
+        [(call index, slot, expected_keys)], in the order to admit them. Headers and payloads
+        are fetched here (zero-copy); an update whose actor or node was lost is skipped (the
+        driver records it as a drop)."""
+        out = self._receive(calls, items, force=force, evaluate=evaluate)
         out["model_ref"] = self.model_ref() if out["aggregated"] else None
         return out
+
+    def _receive(self, calls: list, items: list, **kwargs) -> dict:
+        got = fetch_lists([ref for pair in calls for ref in pair])
+        lists = [(got[h], got[p]) for h, p in calls]
+        triples = [(lists[c][0][i], lists[c][1][i], e) for c, i, e in items
+                   if not any(isinstance(x, Exception) for x in lists[c])]
+        return self.core.receive(triples, **kwargs)
+
+    def close_round(self, calls: list, items: list, evaluate: bool = True):
+        """A synchronous round: admit ``items`` (as in :meth:`receive`), aggregate, and return
+        ``(info, params)``; called with ``num_returns=2``, the params become the one object
+        of the new version that every client of the next round reads. The driver can hand
+        that reference to the next round before this call has run (pipelining)."""
+        out = self._receive(calls, items, force=True, evaluate=evaluate, close=True)
+        self.puts += 1
+        self._ref_version = -1
+        return out, self.core.params
 
     def params(self) -> dict:
         return self.core.params

@@ -28,11 +28,13 @@ Per key and contribution the piece given to the kernel is:
 - otherwise a ``"masked"`` piece of the decoded values and the given mask.
 
 Integer/bool tensors and float dtypes other than float32/float64 go through
-:class:`~fedray.aggregation.rules.MaskedAccumulator` (they are tiny), so
+:class:`~fedray.aggregation.rules.MaskedAccumulator` (``rules.mix`` for the
+mix mode; they are tiny), so
 every convention of :mod:`fedray.aggregation.rules` holds unchanged; the
 numerical contract of the float path is stated in
-:mod:`fedray.aggregation.kernels` (float64 sums in contribution order; equal
-to the numpy rules up to one float32 ulp on densely covered tensors).
+:mod:`fedray.aggregation.kernels` (float64 products and sums in contribution
+order: the same bits as the numpy rules on the decoded contributions; FedAsync
+mixing ``masked_mix`` is applied per contribution as in ``rules.mix``).
 """
 from __future__ import annotations
 

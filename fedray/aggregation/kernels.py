@@ -225,11 +225,13 @@ def _item(wi, work, tens, pcs, weights, like, mode, scale, tile):
                             acc_w[i] += w * v[t0 + i]
                             if mode == 0:
                                 acc_m[i] += w
-        if mode == 0:  # branch-free so that the division vectorises
+        if mode == 0:  # branch-free, unconditional loads: the division vectorises
             for i in range(tl):
                 d = acc_m[i]
-                q = acc_w[i] / (d if d > 0.0 else 1.0)
-                out[t0 + i] = q if d > 0.0 else old[t0 + i]
+                o = old[t0 + i]
+                covered = d > 0.0
+                q = acc_w[i] / (d if covered else 1.0)
+                out[t0 + i] = q if covered else o
         elif mode == 1:
             for i in range(tl):
                 out[t0 + i] = old[t0 + i] + acc_w[i] * scale
@@ -251,6 +253,8 @@ def _run_parallel(work, tens, pcs, weights, like, mode, scale, tile):
 def _ro(a: np.ndarray, dtype=None) -> np.ndarray:
     """Flat, C-contiguous view (a copy only when ``a`` is not contiguous or
     has another dtype)."""
+    if a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+        return a.reshape(-1)
     return np.ascontiguousarray(a, dtype=dtype).reshape(-1)
 
 
@@ -281,7 +285,7 @@ def _row(p, shape: tuple[int, ...], dtype: np.dtype, name: str, keep: list) -> l
             raise ValueError(f"{name!r}: dense piece has {v.size} values, expected {n}")
     elif p.kind == "sparse" or (p.kind == "slices" and len(shape) == 1 and len(p.index) == 1):
         ix = np.asarray(p.index[0])  # a 1-D slice index is a flat sparse index
-        if ix.ndim != 1 or ix.shape[0] != v.size or not np.issubdtype(ix.dtype, np.integer):
+        if ix.ndim != 1 or ix.shape[0] != v.size or ix.dtype.kind not in "iu":
             raise ValueError(f"{name!r}: sparse index does not match its {v.size} values")
         if ix.size and (ix[0] < 0 or ix[-1] >= n):
             raise ValueError(f"{name!r}: sparse index out of range [0, {n})")

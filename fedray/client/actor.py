@@ -148,19 +148,25 @@ class ClientWorker:
 
 @ray.remote
 class ClientActor:
-    """Ray shell: returns ``[header_0, payload_0, header_1, payload_1, ...]``.
-
-    Call as ``actor.train_many.options(num_returns=2 * len(tasks)).remote(ref, tasks)``.
+    """Ray shell: ``train_many`` returns two objects, the list of update headers and the list
+    of their payloads (one object each per call, not per client: Ray's per-object cost is
+    paid once per call). Call as ``actor.train_many.options(num_returns=2).remote(model_ref,
+    tasks, shared)``.
     """
 
-    def __init__(self, cfg, data: dict, partitions, input_shape, num_classes):
-        self.worker = ClientWorker(cfg, data, partitions, input_shape, num_classes)
+    def __init__(self, cfg, input_shape, num_classes):
+        self.args = cfg, input_shape, num_classes
+        self.worker = None
 
-    def train_many(self, params: dict, tasks: list[Task]):
-        out = []
-        for u in self.worker.run(params, tasks):
-            out.extend((u.header(), u.payload))
-        return tuple(out)
+    def train_many(self, params: dict, tasks: list[Task], shared: list):
+        """``shared`` = [data ref, partitions ref], read once (zero-copy) on the first call; every call
+        brings them so a restarted actor (crash, lost node) finds them again."""
+        if self.worker is None:
+            data, partitions = ray.get(shared)
+            cfg, input_shape, num_classes = self.args
+            self.worker = ClientWorker(cfg, data, partitions, input_shape, num_classes)
+        updates = self.worker.run(params, tasks)
+        return [u.header() for u in updates], [u.payload for u in updates]
 
     def pid(self) -> int:
         return os.getpid()

@@ -34,6 +34,13 @@ def seed_torch(seed: int, device: torch.device = torch.device("cpu")) -> None:
         torch.cuda.manual_seed(seed)
 
 
+def to_device(model: nn.Module, device: torch.device) -> None:
+    """``model.to(device)`` unless it is already there (``to`` walks every module)."""
+    p = next(model.parameters(), None)
+    if p is not None and p.device != device:
+        model.to(device)
+
+
 def load_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     """Copy numpy arrays into the model's tensors in place (read-only inputs are fine)."""
     state = model.state_dict(keep_vars=True)
@@ -111,7 +118,7 @@ def local_train(
     measured seconds (real throttling).
     """
     load_params(model, params)
-    model.to(device)
+    to_device(model, device)
     model.train()
     seed_torch(seed, device)
     rng = np.random.default_rng(seed)
@@ -171,7 +178,7 @@ def local_train(
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024, device=torch.device("cpu")) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` on ``(x, y)``."""
-    model.to(device)
+    to_device(model, device)
     model.eval()
     correct, loss, n = 0, 0.0, len(y)
     for s in range(0, n, batch_size):

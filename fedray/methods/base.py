@@ -77,6 +77,9 @@ class Method:
     name: ClassVar[str] = "base"
     Params: ClassVar[type] = NoParams
     schedule: ClassVar[str] = "sync"
+    # does planning depend on finished rounds (observe / sync_from_server / on_eval)? If not,
+    # synchronous rounds are pipelined: the next round is dispatched before this one is read.
+    feedback: ClassVar[bool] = True
 
     def __init__(self, cfg, spec=None):
         self.cfg = cfg

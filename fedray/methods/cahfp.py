@@ -84,6 +84,7 @@ def compact_cost(spec, model_name: str, options, ratio: float) -> CompactCost:
 @register
 class CAHFP(Method):
     name = "cahfp"
+    feedback = False
     schedule = "sync"
 
     @dataclass(frozen=True)

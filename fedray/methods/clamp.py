@@ -216,6 +216,7 @@ class FedPMT(DepthMethod):
     """FedPMT: every client trains the same fixed number of last layers."""
 
     name = "fedpmt"
+    feedback = False
 
     @dataclass(frozen=True)
     class Params:
@@ -235,6 +236,7 @@ class FedDrop(DepthMethod):
     """FedDrop: a depth drawn uniformly from ``1..L`` for every dispatch."""
 
     name = "feddrop"
+    feedback = False
 
     def depth_of(self, client_id: int, version: int) -> int:
         return feddrop_depth(seeding.rng(self.cfg.seed, "mask", version, client_id), self.L)

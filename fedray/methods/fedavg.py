@@ -10,3 +10,4 @@ from fedray.methods.registry import register
 class FedAvg(Method):
     name = "fedavg"
     schedule = "sync"
+    feedback = False

@@ -82,6 +82,7 @@ def speed_ratios(speeds, ratios, proportions=None) -> np.ndarray:
 @register
 class HeteroFL(Method):
     name = "heterofl"
+    feedback = False
     schedule = "sync"
 
     @dataclass(frozen=True)

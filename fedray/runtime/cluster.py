@@ -10,6 +10,26 @@ from fedray.devices.profile import DeviceProfile
 from fedray.errors import ConfigError
 
 
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.ActorUnavailableError)
+"""Errors of a result lost with its actor or node (after Ray's restarts and retries)."""
+
+
+def fetch_lists(refs: list) -> dict:
+    """``{ref: value}`` for distinct object refs; a ref lost with its actor or node maps to its exception."""
+    unique = list(dict.fromkeys(refs))
+    try:
+        return dict(zip(unique, ray.get(unique)))
+    except LOST:
+        out = {}
+        for ref in unique:
+            try:
+                out[ref] = ray.get(ref)
+            except LOST as e:
+                out[ref] = e
+        return out
+
+
+
 def connect(cluster_cfg) -> bool:
     """Make sure Ray is up. Returns True when this call started it (and so owns it).
 

@@ -110,8 +110,9 @@ class Inflight:
     round: int = field(compare=False)
     energy_j: float = field(compare=False)
     flops: int = field(compare=False)
-    header_ref: object = field(default=None, compare=False)
-    payload_ref: object = field(default=None, compare=False)
+    header_ref: object = field(default=None, compare=False)  # the call's list of headers
+    payload_ref: object = field(default=None, compare=False)  # the call's list of payloads
+    slot: int = field(default=0, compare=False)  # this task's index in both lists
 
 
 @dataclass
@@ -146,12 +147,13 @@ class Runner:
         self.method = registry.get(cfg.method.name)(cfg, s.spec)
         if cfg.devices.mode == "real" and self.method.schedule != "sync":
             raise ConfigError("devices.mode", f"'real' throttling runs synchronous methods; {cfg.method.name} is {self.method.schedule}")
-        data_ref = ray.put({"x": ds.x_train, "y": ds.y_train})
-        parts_ref = ray.put(s.partitions)
+        # one put of the data set for the whole run; actors read it zero-copy. The driver keeps the
+        # references so a restarted actor can read them again.
+        self.shared = [ray.put({"x": ds.x_train, "y": ds.y_train}), ray.put(s.partitions)]
         test_ref = ray.put({"x": ds.x_test, "y": ds.y_test})
         self.pools, self.placement_group = cluster.create_client_actors(
             cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(
-                cfg, data_ref, parts_ref, ds.input_shape, ds.num_classes))
+                cfg, ds.input_shape, ds.num_classes))
         self.actors = [a for pool in self.pools.values() for a in pool]
         self.aggregator = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
             cfg, s.params, test_ref, ds.input_shape, ds.num_classes, s.spec)
@@ -271,9 +273,10 @@ class Runner:
             groups.setdefault((pool, r.dispatch_id % len(self.pools[pool])), []).append(r)
         for (pool, i), group in groups.items():
             actor = self.pools[pool][i]
-            refs = actor.train_many.options(num_returns=2 * len(group)).remote(self.model_ref, [r.task for r in group])
+            headers, payloads = actor.train_many.options(num_returns=2).remote(
+                self.model_ref, [r.task for r in group], self.shared)
             for j, r in enumerate(group):
-                r.header_ref, r.payload_ref = refs[2 * j], refs[2 * j + 1]
+                r.header_ref, r.payload_ref, r.slot = headers, payloads, j
 
     # ------------------------------------------------------------ resolution
     def _row(self, r: Inflight, event: str, **extra) -> dict:
@@ -289,44 +292,65 @@ class Runner:
         row.update(extra)
         return row
 
+    def _items(self, ups: list[Inflight]) -> tuple[list, list]:
+        """Aggregator input ``(calls, items)``: the *references* to each actor call's header and
+        payload lists (the aggregator fetches them itself, so the driver never waits for a training
+        result before the aggregation call; each reference travels once, not once per update),
+        and per update ``(call index, slot, expected keys)`` in admission order."""
+        calls: dict = {}
+        items = []
+        for r in ups:
+            i = calls.setdefault(r.header_ref, (len(calls), r.payload_ref))[0]
+            items.append((i, r.slot, self._expected(r.task)))
+        return [[h, p] for h, (_, p) in calls.items()], items
+
     def _resolve(self, recs: list[Inflight], *, force: bool, evaluate: bool) -> dict | None:
         """Hand finished records (already in order) to the aggregator; record every event."""
-        items, rows, pending = [], [], []
+        ups = [r for r in recs if r.outcome == "update"]
+        res = None
+        if ups or force:
+            res = ray.get(self.aggregator.receive.remote(*self._items(ups), force, evaluate))
+        self._record(recs, res)
+        if res is not None and res["aggregated"]:
+            self.version = res["version"]
+            self.model_ref = res["model_ref"][0]
+        return res
+
+    def _record(self, recs: list[Inflight], res: dict | None) -> None:
+        """Read the headers of ``recs``, feed the method its telemetry, write every event row."""
+        ups = [r for r in recs if r.outcome == "update"]
+        headers = self._headers(ups)
+        reasons = dict(res["results"]) if res else {}
+        staleness = dict(zip([d for d, _ in res["results"]], res["staleness"])) if res else {}
+        rows = []
         for r in recs:
-            c = r.task.assignment.client_id
-            self.busy[c] = False
+            self.busy[r.task.assignment.client_id] = False
             if r.outcome != "update":
                 rows.append(self._row(r, r.outcome))
                 continue
-            try:
-                h = ray.get(r.header_ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
-                    ray.exceptions.ActorUnavailableError) as e:  # the actor or its node is gone
-                rows.append(self._row(r, "drop", reason=type(e).__name__))
+            h = headers[r.dispatch_id]
+            if isinstance(h, Exception):  # the actor or its node is gone (after Ray's retries)
+                rows.append(self._row(r, "drop", reason=type(h).__name__))
                 continue
             if self.cfg.devices.mode == "real":
                 r.t_end = r.t_start + h.wall_s + r.cost.download_s + r.cost.upload_s + 2 * r.cost.latency_s
             self.method.observe(h)
-            items.append((h, [r.payload_ref], self._expected(r.task)))
-            pending.append((r, h))
-        res = None
-        if items or force:
-            res = ray.get(self.aggregator.receive.remote(items, force, evaluate))
-            reasons = dict(res["results"])
-            for (r, h), s in zip(pending, res["staleness"]):
-                reason = reasons.get(r.dispatch_id)
-                rows.append(self._row(r, "reject" if reason else "update", reason=reason, staleness=s,
-                                      examples=h.num_examples, train_loss=h.train_loss, bytes_up=h.bytes_up,
-                                      client_wall_s=h.wall_s))
-            if res["aggregated"]:
-                self.version = res["version"]
-                self.model_ref = res["model_ref"][0]
-                if res.get("method_state") is not None:
-                    self.method.sync_from_server(res["method_state"])
+            reason = reasons.get(r.dispatch_id)
+            rows.append(self._row(r, "reject" if reason else "update", reason=reason,
+                                  staleness=staleness.get(r.dispatch_id), examples=h.num_examples,
+                                  train_loss=h.train_loss, bytes_up=h.bytes_up, client_wall_s=h.wall_s))
+        if res is not None and res["aggregated"] and res.get("method_state") is not None:
+            self.method.sync_from_server(res["method_state"])
         rows.sort(key=lambda x: (x["virtual_s"], x["dispatch_id"]))
         for row in rows:
             self._account(row)
-        return res
+
+    @staticmethod
+    def _headers(recs: list[Inflight]) -> dict:
+        """Update headers by dispatch id (one fetch per actor call); a lost one becomes its exception."""
+        calls = cluster.fetch_lists([r.header_ref for r in recs])
+        return {r.dispatch_id: (calls[r.header_ref] if isinstance(calls[r.header_ref], Exception)
+                                else calls[r.header_ref][r.slot]) for r in recs}
 
     def _expected(self, task: Task) -> list[str]:
         m = task.assignment.mask
@@ -351,20 +375,42 @@ class Runner:
         return min(60.0, self.cfg.devices.availability_cycle_s / 10)
 
     def _sync(self, on_aggregate) -> None:
+        """Synchronous rounds. Each round ends in a new version (``close_round``). For methods
+        whose planning needs no feedback from finished rounds, the loop is pipelined: round
+        r+1 is dispatched with the *reference* to round r's model before round r has been
+        aggregated (Ray resolves the dependency), and round r's results are read afterwards."""
         cfg = self.cfg
+        pipelined = not self.method.feedback and cfg.devices.mode == "simulated"
         t, r = 0.0, 0
+        waiting = None  # (recs, info_ref, round) of the round whose results are not read yet
         while self.version < cfg.server.rounds and not self._out_of_time(t):
             cand = self.available(t)
             if len(cand) == 0:
                 t += self._wake_s()
                 continue
             sel = self.method.select(seeding.rng(cfg.seed, "select", r), cand, cfg.server.clients_per_round)
-            recs = self._launch(sel, t, r, deadline_rule=self.method.deadline)
-            recs.sort()
-            res = self._resolve(recs, force=True, evaluate=self._eval_due())
+            recs = sorted(self._launch(sel, t, r, deadline_rule=self.method.deadline))
+            ups = [x for x in recs if x.outcome == "update"]
+            info_ref, self.model_ref = self.aggregator.close_round.options(num_returns=2).remote(
+                *self._items(ups), self._eval_due())
+            self.version += 1
+            for x in recs:  # every client of a synchronous round is done when the round ends
+                self.busy[x.task.assignment.client_id] = False
+            if waiting is not None:
+                self._close(*waiting, on_aggregate)
+            waiting = (recs, info_ref, r)
+            if not pipelined:
+                self._close(*waiting, on_aggregate)
+                waiting = None
             t = max(x.t_end for x in recs)  # the round lasts as long as its slowest client (or the deadline)
-            on_aggregate(res, t, r)
             r += 1
+        if waiting is not None:
+            self._close(*waiting, on_aggregate)
+
+    def _close(self, recs, info_ref, r, on_aggregate) -> None:
+        res = ray.get(info_ref)
+        self._record(recs, res)
+        on_aggregate(res, max(x.t_end for x in recs), r)
 
     def _async(self, on_aggregate) -> None:
         cfg = self.cfg
@@ -444,8 +490,9 @@ class Runner:
 
         def on_aggregate(res, t, rnd):
             wall = time.perf_counter() - self.t0
+            v = res["version"]  # the version this result closed (a pipelined loop is already past it)
             state["t"] = t
-            self.recorder.event(event="aggregate", round=rnd, version=self.version, virtual_s=t, wall_s=wall,
+            self.recorder.event(event="aggregate", round=rnd, version=v, virtual_s=t, wall_s=wall,
                                 buffer=res.get("buffer", 0), fill_s=t - state["last_agg_t"])
             state["last_agg_t"] = t
             if "accuracy" in res:
@@ -454,18 +501,18 @@ class Runner:
                 self.method.on_eval(acc, loss)
                 if target is not None and state["target_s"] is None and acc >= target:
                     state["target_s"] = t
-                self.recorder.event(event="eval", round=rnd, version=self.version, accuracy=acc, loss=loss,
+                self.recorder.event(event="eval", round=rnd, version=v, accuracy=acc, loss=loss,
                                     wall_s=wall, virtual_s=t)
-                self.recorder.scalars(self.version, {
+                self.recorder.scalars(v, {
                     "eval/accuracy": acc, "eval/loss": loss, "cost/bytes_up": tot.bytes_up,
                     "cost/bytes_down": tot.bytes_down, "cost/train_flops": tot.train_flops,
                     "cost/energy_j": tot.energy_j, "time/wall_s": wall, "time/virtual_s": t}, virtual_s=t)
                 if self.report is not None:
-                    self.report({"accuracy": acc, "loss": loss, "version": self.version, "virtual_s": t,
+                    self.report({"accuracy": acc, "loss": loss, "version": v, "virtual_s": t,
                                  "wall_s": wall})
             if bar is not None:
                 bar.set_postfix(acc=f"{state['acc']:.3f}", vt=f"{t:.0f}s")
-                bar.update(self.version - bar.n)
+                bar.update(v - bar.n)
 
         try:
             if self.method.schedule == "sync":
