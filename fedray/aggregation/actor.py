@@ -173,15 +173,21 @@ class AggregatorActor:
                    if not any(isinstance(x, Exception) for x in lists[c])]
         return self.core.receive(triples, **kwargs)
 
-    def close_round(self, calls: list, items: list, evaluate: bool = True):
+    def close_round(self, calls: list, items: list):
         """A synchronous round: admit ``items`` (as in :meth:`receive`), aggregate, and return
         ``(info, params)``; called with ``num_returns=2``, the params become the one object
         of the new version that every client of the next round reads. The driver can hand
-        that reference to the next round before this call has run (pipelining)."""
-        out = self._receive(calls, items, force=True, evaluate=evaluate, close=True)
+        that reference to the next round before this call has run (pipelining). Evaluation
+        is a separate call (:meth:`evaluate`), so it runs while the next round trains."""
+        out = self._receive(calls, items, force=True, evaluate=False, close=True)
         self.puts += 1
         self._ref_version = -1
         return out, self.core.params
+
+    def evaluate(self) -> dict:
+        """Test accuracy and loss of the current version."""
+        acc, loss = self.core.evaluator(self.core.params)
+        return {"version": self.core.version, "accuracy": acc, "loss": loss}
 
     def params(self) -> dict:
         return self.core.params

@@ -391,14 +391,14 @@ class Runner:
             sel = self.method.select(seeding.rng(cfg.seed, "select", r), cand, cfg.server.clients_per_round)
             recs = sorted(self._launch(sel, t, r, deadline_rule=self.method.deadline))
             ups = [x for x in recs if x.outcome == "update"]
-            info_ref, self.model_ref = self.aggregator.close_round.options(num_returns=2).remote(
-                *self._items(ups), self._eval_due())
+            info_ref, self.model_ref = self.aggregator.close_round.options(num_returns=2).remote(*self._items(ups))
+            eval_ref = self.aggregator.evaluate.remote() if self._eval_due() else None
             self.version += 1
             for x in recs:  # every client of a synchronous round is done when the round ends
                 self.busy[x.task.assignment.client_id] = False
             if waiting is not None:
                 self._close(*waiting, on_aggregate)
-            waiting = (recs, info_ref, r)
+            waiting = (recs, info_ref, eval_ref, r)
             if not pipelined:
                 self._close(*waiting, on_aggregate)
                 waiting = None
@@ -407,8 +407,10 @@ class Runner:
         if waiting is not None:
             self._close(*waiting, on_aggregate)
 
-    def _close(self, recs, info_ref, r, on_aggregate) -> None:
+    def _close(self, recs, info_ref, eval_ref, r, on_aggregate) -> None:
         res = ray.get(info_ref)
+        if eval_ref is not None:
+            res.update(ray.get(eval_ref))
         self._record(recs, res)
         on_aggregate(res, max(x.t_end for x in recs), r)
 
