@@ -6,7 +6,6 @@ it never shows a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -437,6 +437,15 @@ def population(dev: DevicesConfig):
 TOOL_SECTIONS = ("compare", "tune")
 
 
+def profiles(cfg: ExperimentConfig):
+    """The run's device profiles: one per client, drawn from ``devices`` with the run's seed.
+    The loop and every method that plans by device (HeteroFL, CA-HFP) use this one draw."""
+    from fedray import seeding
+    from fedray.devices.profile import build_population
+
+    return build_population(cfg.data.num_clients, population(cfg.devices), seeding.derive(cfg.seed, "devices"))
+
+
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read a YAML config file (or defaults when ``path`` is None) and validate it for one run.
 

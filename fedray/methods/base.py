@@ -37,7 +37,8 @@ from typing import ClassVar, Mapping
 import numpy as np
 
 from fedray.aggregation import rules
-from fedray.submodel.masks import Mask, Params
+from fedray.submodel.masks import Mask
+from fedray.submodel.masks import Params as State  # the class attribute ``Params`` is the method's config
 from fedray.update import Update
 
 Entry = tuple[Update, rules.Contribution]
@@ -125,10 +126,10 @@ class Method:
         """Aggregate now, with ``pending`` updates buffered? (async schedules)"""
         return False
 
-    def aggregate(self, global_params: Params, entries: list[Entry], version: int) -> Params:
+    def aggregate(self, global_params: State, entries: list[Entry], version: int) -> State:
         return rules.weighted_mean(global_params, [c for _, c in entries])
 
-    def public_state(self, global_params: Params, version: int) -> Mapping | None:
+    def public_state(self, global_params: State, version: int) -> Mapping | None:
         """Server side: small state the driver-side instance needs for planning (PR-FL's
         importance scores, AutoFLIP's mask), or None when nothing changed. The aggregator
         calls it once before the first dispatch and after every aggregation; the loop hands

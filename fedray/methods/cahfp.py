@@ -40,10 +40,8 @@ import numpy as np
 import torch
 
 from fedray import config as C
-from fedray import seeding
 from fedray.aggregation import rules
 from fedray.config import POS, UNIT_POS, _f
-from fedray.devices.profile import build_population
 from fedray.errors import ConfigError
 from fedray.methods.base import Assignment, Method
 from fedray.methods.heterofl import speed_ratios
@@ -53,9 +51,7 @@ from fedray.submodel.encode import payload_nbytes
 from fedray.submodel.width import keep_mask
 
 
-def client_profiles(cfg):
-    """The run's device profiles (as :func:`fedray.runtime.loop.prepare` draws them)."""
-    return build_population(cfg.data.num_clients, C.population(cfg.devices), seeding.derive(cfg.seed, "devices"))
+client_profiles = C.profiles  # the one draw of the devices of a run
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedray import config as C
-from fedray import seeding
 from fedray.aggregation import rules
 from fedray.config import UNIT_POS, _f
 from fedray.errors import ConfigError
@@ -125,10 +124,7 @@ class HeteroFL(Method):
 
     # ------------------------------------------------------------ driver
     def _profiles(self):
-        from fedray.devices.profile import build_population
-
-        cfg = self.cfg
-        return build_population(cfg.data.num_clients, C.population(cfg.devices), seeding.derive(cfg.seed, "devices"))
+        return C.profiles(self.cfg)
 
     def ratios_by_client(self) -> np.ndarray:
         """Width ratio of every client id (computed once)."""

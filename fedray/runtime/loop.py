@@ -19,7 +19,7 @@ import hashlib
 import heapq
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from fedray.client.trainer import get_params
 from fedray.data.datasets import Dataset, load_dataset
 from fedray.data.partition import cached_partition, partition
 from fedray.devices import cost as costs
-from fedray.devices.profile import DeviceProfile, build_population
+from fedray.devices.profile import DeviceProfile
 from fedray.errors import ConfigError
 from fedray.methods import registry
 from fedray.metrics import definitions
@@ -93,7 +93,7 @@ def prepare(cfg: C.ExperimentConfig) -> Setup:
     torch.manual_seed(seeding.derive(cfg.seed, "init"))
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, options=cfg.model.options)
     spec = model_spec(model, ds.input_shape)
-    profiles = build_population(d.num_clients, C.population(cfg.devices), seeding.derive(cfg.seed, "devices"))
+    profiles = C.profiles(cfg)
     return Setup(cfg, ds, parts, get_params(model), spec, profiles)
 
 
