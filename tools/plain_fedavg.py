@@ -90,11 +90,27 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=150)
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="also run fedray on workload W with these seeds and compare mean final accuracy")
+    ap.add_argument("--fedray", action="store_true", help="run fedray too (needs Ray; starts it once)")
     a = ap.parse_args()
-    out = plain_fedavg(from_dict(workload_w(a.rounds)), seed=a.seed)
-    print(f"plain FedAvg: final accuracy {out['final_accuracy']:.4f}, "
-          f"{np.median(out['round_s'][10:]) * 1e3:.2f} ms/round (median after warm-up)")
+    plain, fed = [], []
+    for seed in a.seeds:
+        cfg = from_dict(workload_w(a.rounds, seed=seed, **{"runtime.tensorboard": False,
+                                                           "runtime.out_dir": "runs/plain_check"}))
+        out = plain_fedavg(cfg, seed=1000 + seed)
+        plain.append(out["final_accuracy"])
+        line = f"seed {seed}: plain loop {out['final_accuracy']:.4f} " \
+               f"({np.median(out['round_s'][10:]) * 1e3:.2f} ms/round)"
+        if a.fedray:
+            from fedray.runtime.loop import run
+
+            fed.append(run(cfg)["final_accuracy"])
+            line += f", fedray {fed[-1]:.4f}"
+        print(line, flush=True)
+    print(f"mean final accuracy: plain loop {np.mean(plain):.4f}" +
+          (f", fedray {np.mean(fed):.4f}, difference {abs(np.mean(fed) - np.mean(plain)) * 100:.2f} points"
+           if fed else ""))
 
 
 if __name__ == "__main__":

@@ -151,6 +151,13 @@ class CostModel:
         )
 
 
+def partial(profile: DeviceProfile, cost: Cost, compute_fraction: float) -> tuple[float, int]:
+    """(energy J, training FLOPs) a device spent on a dispatch it abandoned (a dropout, or a round
+    deadline) after downloading the model and doing ``compute_fraction`` of its compute."""
+    energy = profile.radio_power_w * cost.download_s + profile.compute_power_w * compute_fraction * cost.compute_s
+    return energy, int(compute_fraction * cost.train_flops)
+
+
 # ----------------------------------------------------------------------------- battery
 
 

@@ -195,9 +195,8 @@ class Runner:
         return np.array(out, dtype=np.int64)
 
     # ------------------------------------------------------------ dispatch
-    def _predict(self, task: Task) -> dict:
-        """Deterministic FLOPs and bytes of a task (what the device will do and send)."""
-        a = task.assignment
+    def _predict(self, a) -> dict:
+        """Deterministic FLOPs and bytes of an assignment (what the device will do and send)."""
         spec, tc = self.setup.spec, self.cfg.train
         n = len(self.setup.partitions[a.client_id])
         epochs = a.local_epochs if a.local_epochs is not None else tc.local_epochs
@@ -229,7 +228,7 @@ class Runner:
             self.next_dispatch += 1
             a = self.method.plan(c, self.version)
             prof = self.setup.profiles[c]
-            pred = self._predict(Task(did, self.version, a))
+            pred = self._predict(a)
             cst = self.cost_model.estimate(prof, train_flops=pred["train_flops"], bytes_down=pred["bytes_down"],
                                            bytes_up=pred["bytes_up"], t_start=t, seed=cfg.seed, round_key=did)
             tele = {"round_s": cst.total_s, "compute_s": cst.compute_s, "comm_s": cst.download_s + cst.upload_s,
@@ -238,22 +237,20 @@ class Runner:
             task = Task(did, self.version, a, telemetry=tele,
                         speed=prof.speed if cfg.devices.mode == "real" else None)
             drop = costs.dropout_point(prof, seed=cfg.seed, round_key=did)
-            if drop is not None:
-                spent = cst.download_s + cst.latency_s + drop * cst.compute_s
-                energy = prof.radio_power_w * cst.download_s + prof.compute_power_w * drop * cst.compute_s
-                recs.append(Inflight(t + spent, did, task, cst, t, "drop", rnd, energy, int(drop * cst.train_flops)))
+            if drop is not None:  # the device drops after a fraction of its compute, before uploading
+                recs.append(Inflight(t + cst.download_s + cst.latency_s + drop * cst.compute_s, did, task, cst, t,
+                                     "drop", rnd, *costs.partial(prof, cst, drop)))
             else:
                 recs.append(Inflight(t + cst.total_s, did, task, cst, t, "update", rnd, cst.energy_j, cst.train_flops))
         if deadline_rule is not None and recs:
             limit = deadline_rule(np.array([r.cost.total_s for r in recs]))
             if limit is not None:
                 for r in recs:
-                    if r.outcome == "update" and r.t_end - t > limit:
-                        frac = min(1.0, max(0.0, (limit - r.cost.download_s - r.cost.latency_s) / max(r.cost.compute_s, 1e-12)))
+                    if r.outcome == "update" and r.t_end - t > limit:  # the server stops waiting at the deadline
+                        done = (limit - r.cost.download_s - r.cost.latency_s) / max(r.cost.compute_s, 1e-12)
                         r.outcome, r.t_end = "late", t + limit
-                        p = self.setup.profiles[r.task.assignment.client_id]
-                        r.energy_j = p.radio_power_w * r.cost.download_s + p.compute_power_w * frac * r.cost.compute_s
-                        r.flops = int(frac * r.cost.train_flops)
+                        r.energy_j, r.flops = costs.partial(self.setup.profiles[r.task.assignment.client_id], r.cost,
+                                                            min(1.0, max(0.0, done)))
         for r in recs:
             c = r.task.assignment.client_id
             self.busy[c] = True

@@ -190,3 +190,18 @@ def test_straggler_mask_by_hand():
     np.testing.assert_array_equal(straggler_mask([1.0, 1.0, 1.5, 1.6]), [False] * 4)
     np.testing.assert_array_equal(straggler_mask([1.0, 1.0, 1.5, 1.6], gamma=1.0), [False, False, True, True])
     assert straggler_mask([]).shape == (0,)
+
+
+def test_partial_cost_of_an_abandoned_dispatch():
+    """Download energy plus the done fraction of the compute energy, and of the FLOPs."""
+    from fedray.devices.cost import CostModel, partial
+    from fedray.devices.profile import DeviceProfile
+
+    p = DeviceProfile(client_id=0, tier="t", speed=1.0, flops_per_s=1e9, download_bps=1e6, upload_bps=1e6,
+                      compute_power_w=4.0, radio_power_w=2.0)
+    c = CostModel().estimate(p, train_flops=2_000_000_000, bytes_down=1_000_000, bytes_up=0, t_start=0.0, seed=0,
+                             round_key=0)
+    assert c.compute_s == 2.0 and c.download_s == 1.0
+    energy, flops = partial(p, c, 0.25)
+    assert energy == 2.0 * 1.0 + 4.0 * 0.25 * 2.0  # 4 J
+    assert flops == 500_000_000
