@@ -93,6 +93,12 @@ class Recorder:
             if virtual_s is not None:
                 self.writer.add_scalar(f"{tag}@virtual_s", float(v), int(round(virtual_s)))
 
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.writer is not None and len(values):
+            import numpy as np
+
+            self.writer.add_histogram(tag, np.asarray(values, dtype=np.float64), int(step))
+
     def table(self) -> pa.Table:
         return pa.Table.from_pylist(self.rows, schema=_schema(self.rows))
 

@@ -493,6 +493,9 @@ class Runner:
             state["t"] = t
             self.recorder.event(event="aggregate", round=rnd, version=v, virtual_s=t, wall_s=wall,
                                 buffer=res.get("buffer", 0), fill_s=t - state["last_agg_t"])
+            self.recorder.scalars(v, {"agg/buffer": res.get("buffer", 0), "agg/fill_s": t - state["last_agg_t"],
+                                      **{f"agg/rejected/{k}": n for k, n in res.get("rejected", {}).items()}})
+            self.recorder.histogram("agg/staleness", [x for x in res.get("staleness", []) if x is not None], v)
             state["last_agg_t"] = t
             if "accuracy" in res:
                 acc, loss = res["accuracy"], res["loss"]

@@ -66,3 +66,30 @@ def test_real_mode_run_reports_measured_seconds(ray_session, tmp_path):
     ups = t[t.event == "update"]
     # in real mode the round time is the measured training time plus simulated communication
     assert np.allclose(ups.round_s, ups.client_wall_s + ups.comm_s + 2 * 0.05, rtol=1e-6)
+
+
+def test_unavailable_and_empty_battery_devices_are_not_selected(ray_session, tmp_path):
+    """Online/offline windows and batteries gate selection; drops are events, never stalls."""
+    from fedray.config import profiles
+    from fedray.devices.cost import available
+
+    cfg = from_dict({"experiment": "battery", "data": {"num_clients": 20, "cache_dir": str(tmp_path / "c")},
+                     "devices": {"reference_flops": 2e6, "availability": 0.7, "availability_cycle_s": 200,
+                                 "dropout_prob": 0.2, "low_battery": 0.5,
+                                 "tiers": [{"name": "phone", "fraction": 1.0, "battery_j": 2.0, "recharge_w": 0.01,
+                                            "compute_power_w": 5.0}]},
+                     "server": {"rounds": 10, "clients_per_round": 4, "eval_every": 10},
+                     "runtime": {"progress": False, "tensorboard": False, "out_dir": str(tmp_path)}})
+    s = run(cfg)
+    assert s["rounds"] == 10 and s["dropped"] > 0
+    t = pq.read_table(f"{s['run_dir']}/metrics.parquet").to_pandas()
+    disp = t[t.event.isin(["update", "drop", "reject", "late"])]
+    profs = profiles(cfg)
+    for c, t0 in zip(disp.client_id, disp.t_start):  # every dispatched device was online at its start
+        assert available(profs[int(c)], t0, 1.0, seed=cfg.seed, low=0.0)
+    # one dispatch costs more than half of the 2 J battery and recharging to 50% takes >= 50 s,
+    # so no device is dispatched twice within 50 virtual seconds
+    for _, g in disp.groupby("client_id"):
+        starts = np.sort(g.t_start.to_numpy())
+        assert (np.diff(starts) >= 50.0 - 1e-6).all(), starts
+    assert (disp.energy_j > 0).all()
