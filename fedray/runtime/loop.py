@@ -120,6 +120,7 @@ class Totals:
     bytes_up: int = 0
     bytes_down: int = 0
     train_flops: int = 0
+    sparse_train_flops: int = 0
     energy_j: float = 0.0
     updates: int = 0
     dropped: int = 0
@@ -218,6 +219,23 @@ class Runner:
         down = payload_nbytes(self.like, a.download_mask) if a.bytes_down is None else a.bytes_down
         return {"train_flops": int(flops), "bytes_down": down, "bytes_up": up}
 
+    def _density_factor(self, mask) -> float:
+        """FLOPs a sparse kernel would execute, relative to the dense ones: every layer's FLOPs
+        scaled by the density of its weight under ``mask`` (1 where the mask does not cover the
+        weight, e.g. a frozen layer's forward pass). Reported as ``sparse_train_flops`` next to
+        the executed dense ``train_flops``, because unstructured masks save no work in dense
+        kernels (AutoFLIP's and PR-FL's published FLOPs count the sparse ones)."""
+        if mask is None:
+            return 1.0
+        spec = self.setup.spec
+        total = scaled = 0.0
+        for layer in spec.layers:
+            f = layer.forward_flops
+            m = mask.get(layer.weight_key)
+            total += f
+            scaled += f * (float(m.mean()) if m is not None else 1.0)
+        return scaled / total if total else 1.0
+
     def _launch(self, clients, t: float, rnd: int, deadline_rule=None) -> list[Inflight]:
         """Plan, cost and dispatch ``clients`` at virtual time ``t``; returns their records."""
         cfg = self.cfg
@@ -284,7 +302,8 @@ class Runner:
                "t_start": r.t_start, "virtual_s": r.t_end, "round_s": r.t_end - r.t_start,
                "compute_s": r.cost.compute_s, "comm_s": r.cost.download_s + r.cost.upload_s,
                "bytes_down": r.cost.bytes_down, "bytes_up": r.cost.bytes_up if event != "drop" else 0,
-               "train_flops": r.flops, "energy_j": r.energy_j, "window": self.version}
+               "train_flops": r.flops, "energy_j": r.energy_j, "window": self.version,
+               "sparse_train_flops": int(r.flops * self._density_factor(a.mask))}
         row.update(dict(a.info))
         row.update(extra)
         return row
@@ -360,6 +379,7 @@ class Runner:
         tot.bytes_down += row["bytes_down"]
         tot.bytes_up += row["bytes_up"]
         tot.train_flops += row["train_flops"]
+        tot.sparse_train_flops += row["sparse_train_flops"]
         tot.energy_j += row["energy_j"]
         ev = row["event"]
         tot.updates += ev == "update"
@@ -537,7 +557,8 @@ class Runner:
             "final_accuracy": state["acc"], "best_accuracy": state["best"], "final_loss": state["loss"],
             "rounds": self.version, "version": self.version, "wall_s": wall, "setup_s": setup_s,
             "virtual_s": state["t"], "bytes_up": tot.bytes_up, "bytes_down": tot.bytes_down,
-            "train_flops": tot.train_flops, "energy_j": tot.energy_j, "updates": tot.updates,
+            "train_flops": tot.train_flops, "sparse_train_flops": tot.sparse_train_flops, "energy_j": tot.energy_j,
+            "updates": tot.updates,
             "dropped": tot.dropped, "late": tot.late, "rejected": tot.rejected,
             "rejected_by_reason": stats["rejected"], "model_puts": stats["puts"],
             "model_sha256": model_digest(params), "run_dir": str(self.run_dir), "placement": placement, **derived,
