@@ -64,6 +64,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from fedray.submodel.encode import as_sparse
 
 __all__ = ["MEAN", "DELTA", "MIX", "TILE", "DTYPES", "Piece", "merge", "merge_many", "merge_reference"]
 
@@ -273,6 +274,7 @@ def _slice_offsets(index: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.nd
 
 def _row(p, shape: tuple[int, ...], dtype: np.dtype, name: str, keep: list) -> list[int]:
     """One pieces-table row; appends every array it points to to ``keep``."""
+    p = as_sparse(p)  # a bitmask is merged through its flat indices
     n = math.prod(shape)
     v = np.asarray(p.values)
     if v.dtype != dtype:
@@ -410,6 +412,7 @@ def merge(old: np.ndarray, pieces: Sequence, weights: Sequence[float], mode: int
 # --------------------------------------------------------------------- reference
 def _coverage(p, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Full-shape float64 values and bool mask of one piece (reference only)."""
+    p = as_sparse(p)
     vals = np.zeros(shape, np.float64)
     m = np.zeros(shape, bool)
     v = np.asarray(p.values)

@@ -11,6 +11,7 @@ update or a short reason code (counted per reason by the aggregator):
 ``shape``          a tensor or index block has the wrong shape
 ``dtype``          a tensor has a dtype other than the model's
 ``mask_mismatch``  indices out of range, duplicated, or not matching the values
+                   (a bitmask of the wrong length, or whose count differs from the values)
 ``nonfinite``      NaN or Inf among the values
 =================  ===============================================
 """
@@ -52,6 +53,14 @@ def _check_entry(e: Entry, ref: np.ndarray) -> str | None:
         if ix.ndim != 1 or e.values.shape != ix.shape or not np.issubdtype(ix.dtype, np.integer):
             return "mask_mismatch"
         if len(ix) and (ix.min() < 0 or ix.max() >= ref.size or np.any(np.diff(ix) <= 0)):
+            return "mask_mismatch"
+    elif e.kind == "bitmask":
+        bits = e.index[0] if len(e.index) == 1 else None
+        if bits is None or bits.dtype != np.uint8 or bits.ndim != 1 or len(bits) != -(-ref.size // 8):
+            return "mask_mismatch"
+        if e.values.ndim != 1 or int(np.unpackbits(bits).sum()) != len(e.values):
+            return "mask_mismatch"
+        if ref.size % 8 and bits[-1] & ((1 << (8 - ref.size % 8)) - 1):  # padding bits must be clear
             return "mask_mismatch"
     else:
         return "mask_mismatch"

@@ -5,7 +5,10 @@ A :class:`Payload` carries only what a client trained, tensor by tensor:
 - ``dense``: the whole tensor (a fully trained layer);
 - ``slices``: one int32 index array per axis plus the values of the sub-block
   ``tensor[np.ix_(*index)]`` (structured submodels: channels, rows, widths);
-- ``sparse``: flat int32 (or int64) indices plus values (unstructured masks).
+- ``sparse``: flat int32 (or int64) indices plus values (very sparse unstructured masks);
+- ``bitmask``: the mask packed 8 coordinates a byte (``np.packbits`` of the flattened mask)
+  plus the covered values in C order (unstructured masks above ~3% density, where a bit per
+  coordinate is cheaper than a 4-byte index per covered one).
 
 ``encode`` picks the smallest correct form for each tensor; ``decode`` returns
 full-shape values and the one :mod:`fedray.submodel.masks` mask type.
@@ -65,20 +68,38 @@ def _as_slices(m: np.ndarray) -> tuple[np.ndarray, ...] | None:
     return tuple(idx)
 
 
+def _forms(size: int, itemsize: int, m: np.ndarray) -> tuple[int, dict]:
+    """Covered count and the byte size of every exact form of mask ``m`` (dense excluded)."""
+    n = int(m.sum())
+    forms = {"sparse": n * (itemsize + np.dtype(_index_dtype(size)).itemsize),
+             "bitmask": -(-size // 8) + n * itemsize}
+    sl = _as_slices(m)
+    if sl is not None:
+        forms["slices"] = (n * itemsize + sum(i.nbytes for i in sl), sl)
+    return n, forms
+
+
+def _choose(forms: dict) -> tuple[str, int]:
+    """Smallest form; slices win ties (they keep structure), then bitmask, then sparse."""
+    order = {"slices": 0, "bitmask": 1, "sparse": 2}
+    best = min(forms, key=lambda k: ((forms[k][0] if k == "slices" else forms[k]), order[k]))
+    return best, forms[best][0] if best == "slices" else forms[best]
+
+
 def encode_tensor(values: np.ndarray, m: np.ndarray | None) -> Entry | None:
     """Encode one tensor under its boolean mask (None = fully trained)."""
     values = np.asarray(values)
     if m is None or m.all():
-        return Entry("dense", np.asarray(values, order="C"))  # keeps 0-d shapes (ascontiguousarray makes them 1-d)
-    n = int(m.sum())
+        return Entry("dense", np.asarray(values, order="C"))
+    n, forms = _forms(values.size, values.itemsize, m)
     if n == 0:
         return None
-    sl = _as_slices(m)
-    sparse_bytes = n * (values.itemsize + np.dtype(_index_dtype(values.size)).itemsize)
-    if sl is not None:
-        slice_bytes = n * values.itemsize + sum(i.nbytes for i in sl)
-        if slice_bytes <= sparse_bytes:
-            return Entry("slices", np.ascontiguousarray(values[np.ix_(*sl)]), sl)
+    kind, _ = _choose(forms)
+    if kind == "slices":
+        sl = forms["slices"][1]
+        return Entry("slices", np.ascontiguousarray(values[np.ix_(*sl)]), sl)
+    if kind == "bitmask":
+        return Entry("bitmask", np.ascontiguousarray(values[m]), (np.packbits(m.reshape(-1)),))
     flat = np.flatnonzero(m).astype(_index_dtype(values.size))
     return Entry("sparse", values.reshape(-1)[flat], (flat,))
 
@@ -113,6 +134,9 @@ def decode_entry(e: Entry, shape: tuple[int, ...], dtype=None) -> tuple[np.ndarr
     elif e.kind == "sparse":
         vals.reshape(-1)[e.index[0]] = e.values
         m.reshape(-1)[e.index[0]] = True
+    elif e.kind == "bitmask":
+        m = np.unpackbits(e.index[0], count=int(np.prod(shape, dtype=np.int64))).view(bool).reshape(shape)
+        vals[m] = e.values
     else:
         raise ValueError(f"unknown payload entry kind {e.kind!r}")
     return vals, m
@@ -132,16 +156,17 @@ def tensor_nbytes(ref: np.ndarray, m: np.ndarray | None) -> int:
     itemsize = np.dtype(ref.dtype).itemsize
     if m is None or m.all():
         return int(np.size(ref)) * itemsize
-    n = int(m.sum())
-    if n == 0:
-        return 0
-    sparse = n * (itemsize + np.dtype(_index_dtype(np.size(ref))).itemsize)
-    sl = _as_slices(m)
-    if sl is not None:
-        sliced = n * itemsize + sum(i.nbytes for i in sl)
-        if sliced <= sparse:
-            return sliced
-    return sparse
+    n, forms = _forms(int(np.size(ref)), itemsize, m)
+    return 0 if n == 0 else _choose(forms)[1]
+
+
+def as_sparse(e: Entry) -> Entry:
+    """A ``bitmask`` entry as the equivalent ``sparse`` one (flat indices); others unchanged."""
+    if e.kind != "bitmask":
+        return e
+    bits = np.unpackbits(e.index[0])
+    idx = np.flatnonzero(bits).astype(np.int32 if bits.size < 2**31 else np.int64)
+    return Entry("sparse", e.values, (idx,))
 
 
 def payload_nbytes(like: Mapping[str, np.ndarray], mask: Mask | None = None) -> int:

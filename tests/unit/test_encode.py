@@ -11,8 +11,8 @@ from fedray.submodel.encode import decode, encode, payload_nbytes
 @pytest.fixture()
 def params():
     rng = np.random.default_rng(0)
-    return {"conv.weight": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
-            "conv.bias": rng.standard_normal(8).astype(np.float32),
+    return {"conv.weight": rng.standard_normal((64, 32, 3, 3)).astype(np.float32),
+            "conv.bias": rng.standard_normal(64).astype(np.float32),
             "fc.weight": rng.standard_normal((10, 32)).astype(np.float32),
             "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
 
@@ -27,16 +27,16 @@ def test_dense_round_trip_and_bytes(params):
 
 
 def test_structured_mask_travels_as_slices(params):
-    keep = np.array([0, 2, 5])
-    m = {"conv.weight": np.zeros((8, 3, 3, 3), bool), "conv.bias": np.zeros(8, bool)}
+    keep = np.arange(0, 64, 4)
+    m = {"conv.weight": np.zeros((64, 32, 3, 3), bool), "conv.bias": np.zeros(64, bool)}
     m["conv.weight"][keep] = True
     m["conv.bias"][keep] = True
     p = encode(params, m)
     e = p.entries["conv.weight"]
-    assert e.kind == "slices" and e.values.shape == (3, 3, 3, 3)
+    assert e.kind == "slices" and e.values.shape == (16, 32, 3, 3)
     assert np.array_equal(e.index[0], keep)
-    # 3 kept filters of 27 float32 plus the per-axis int32 indices (3 + 3 + 3 + 3)
-    assert e.nbytes == 3 * 27 * 4 + (3 + 3 + 3 + 3) * 4
+    # 16 kept filters of 288 float32 plus the per-axis int32 indices (16 + 32 + 3 + 3)
+    assert e.nbytes == 16 * 288 * 4 + (16 + 32 + 3 + 3) * 4
     values, mask = decode(p, {k: params[k].shape for k in m})
     for k in m:
         assert np.array_equal(mask[k], m[k])
@@ -44,9 +44,9 @@ def test_structured_mask_travels_as_slices(params):
     assert p.nbytes == payload_nbytes(params, m)
 
 
-def test_unstructured_mask_travels_as_flat_indices(params):
+def test_very_sparse_mask_travels_as_flat_indices(params):
     rng = np.random.default_rng(1)
-    m = {"fc.weight": rng.random((10, 32)) < 0.3}
+    m = {"fc.weight": rng.random((10, 32)) < 0.02}
     p = encode(params, m)
     e = p.entries["fc.weight"]
     n = int(m["fc.weight"].sum())
@@ -58,7 +58,7 @@ def test_unstructured_mask_travels_as_flat_indices(params):
 
 
 def test_empty_mask_sends_nothing_and_scalars_keep_their_shape(params):
-    m = {"conv.bias": np.zeros(8, bool), "bn.num_batches_tracked": np.ones((), bool)}
+    m = {"conv.bias": np.zeros(64, bool), "bn.num_batches_tracked": np.ones((), bool)}
     p = encode(params, m)
     assert set(p.keys()) == {"bn.num_batches_tracked"}
     assert p.entries["bn.num_batches_tracked"].values.shape == ()
@@ -87,3 +87,38 @@ def test_mask_helpers(params):
     assert M.density(half, params, ["fc.weight"]) == 0.5
     assert M.equal(M.intersect(half, full), half) and M.equal(M.union(half, full), full)
     assert not M.apply(params, half)["fc.weight"][5:].any()
+
+
+def test_dense_masks_travel_as_bitmasks_and_are_cheaper_than_dense(params):
+    rng = np.random.default_rng(3)
+    m = {"fc.weight": rng.random((10, 32)) < 0.7}
+    n = int(m["fc.weight"].sum())
+    p = encode(params, m)
+    e = p.entries["fc.weight"]
+    assert e.kind == "bitmask" and e.index[0].dtype == np.uint8
+    assert p.nbytes == 320 // 8 + n * 4 == payload_nbytes(params, m) < params["fc.weight"].nbytes
+    values, mask = decode(p, {"fc.weight": (10, 32)})
+    assert np.array_equal(mask["fc.weight"], m["fc.weight"])
+    assert np.array_equal(values["fc.weight"][m["fc.weight"]], params["fc.weight"][m["fc.weight"]])
+    from fedray.submodel.encode import as_sparse
+
+    s = as_sparse(e)
+    assert s.kind == "sparse" and np.array_equal(s.index[0], np.flatnonzero(m["fc.weight"]))
+
+
+def test_bitmask_validation(params):
+    from fedray.aggregation.validate import check
+    from fedray.submodel.encode import Entry, Payload
+    from fedray.update import Update
+
+    h = Update(dispatch_id=0, client_id=0, base_version=0, num_examples=3)
+    m = np.zeros((10, 32), bool)
+    m[:, :20] = True
+    m[0, 25] = True  # not a cross product: bitmask
+    e = encode(params, {"fc.weight": m}).entries["fc.weight"]
+    assert e.kind == "bitmask"
+    assert check(h, Payload({"fc.weight": e}), params) is None
+    short = Entry("bitmask", e.values[:-1], e.index)
+    assert check(h, Payload({"fc.weight": short}), params) == "mask_mismatch"
+    bad = Entry("bitmask", e.values, (e.index[0][:-1],))
+    assert check(h, Payload({"fc.weight": bad}), params) == "mask_mismatch"
