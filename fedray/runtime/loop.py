@@ -66,6 +66,10 @@ def model_digest(params: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+SUMMARY_TAGS = ("final_accuracy", "best_accuracy", "sdir", "slow_coverage", "time_to_target_s", "train_flops",
+                "sparse_train_flops", "flops_per_accuracy_point", "bytes_up", "bytes_down", "energy_j", "virtual_s")
+
+
 @dataclass
 class Setup:
     """Everything a run needs before the first dispatch."""
@@ -551,7 +555,6 @@ class Runner:
         np.savez(self.run_dir / "model.npz", **{k: params[k] for k in sorted(params)})
         table = self.recorder.table()
         derived = definitions.summarize(table, slow_total=int(self.slow.sum()), target=target)
-        self.recorder.scalars(self.version, {"sdir/sdir": derived["sdir"]}, virtual_s=state["t"])
         summary = {
             "experiment": cfg.experiment, "method": cfg.method.name, "seed": cfg.seed,
             "final_accuracy": state["acc"], "best_accuracy": state["best"], "final_loss": state["loss"],
@@ -566,6 +569,9 @@ class Runner:
         if target is not None:
             summary["target_accuracy"] = target
             summary["time_to_target_s"] = state["target_s"]
+        # the papers' seed metrics, under the same tags for every method
+        self.recorder.scalars(self.version, {f"summary/{k}": summary.get(k) for k in SUMMARY_TAGS
+                                             if isinstance(summary.get(k), (int, float))}, virtual_s=state["t"])
         self.recorder.close(summary)
         self.shutdown()
         return summary

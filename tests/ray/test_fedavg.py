@@ -51,7 +51,7 @@ def test_run_writes_outputs(ray_session, tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("eval/accuracy", "eval/loss", "cost/bytes_up", "cost/train_flops", "time/wall_s",
-                "eval/accuracy@virtual_s", "agg/buffer", "agg/fill_s"):
+                "eval/accuracy@virtual_s", "agg/buffer", "agg/fill_s", "summary/sdir", "summary/energy_j"):
         assert tag in tags, tag
     assert s["model_puts"] == 7  # one put per version (initial + 6)
 
