@@ -124,7 +124,8 @@ class ClientWorker:
                     {k for k in send if k in self.param_names} if send is not None else None)
                 stats = local_train(self.model, params, self.x, self.y, self.partitions[a.client_id], cfg,
                                     seed=seed, trainable=trainable, mask=send, device=self.device,
-                                    hidden_scale=a.hidden_scale, on_step=step, collect_sq_grads=a.collect_sq_grads)
+                                    hidden_scale=a.hidden_scale, on_step=step, collect_sq_grads=a.collect_sq_grads,
+                                    early_stop=a.early_stop)
                 values = get_params(self.model, list(send.keys()) if send is not None else None)
             if stats.sq_grads is not None:
                 aux.update({f"sq_grads/{k}": v for k, v in stats.sq_grads.items()})

@@ -8,6 +8,7 @@ only on the inputs, never on which actor or worker ran it.
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ def local_train(
     collect_sq_grads: bool = False,
     hidden_scale: float | None = None,
     on_step=None,
+    early_stop: bool = False,
 ) -> TrainStats:
     """Train ``model`` (loaded with ``params``) in place on ``x[indices]``.
 
@@ -116,6 +118,8 @@ def local_train(
     value during training (HeteroFL's scaler for a width-``beta`` submodel).
     ``on_step(busy_s)``: called after every optimizer step with the step's
     measured seconds (real throttling).
+    ``early_stop``: with epochs (not steps), stop after the first epoch whose mean
+    training loss is not lower than the best earlier epoch's (AutoFLIP's exploration).
     """
     load_params(model, params)
     to_device(model, device)
@@ -142,6 +146,8 @@ def local_train(
         for m in layers[:-1]:
             hooks.append(m.register_forward_hook(lambda _m, _i, out: out / hidden_scale))
     total, steps, seen = 0.0, 0, 0
+    per_epoch = math.ceil(len(indices) / cfg.batch_size) if early_stop and cfg.local_steps is None else 0
+    best, epoch_loss, epoch_n = math.inf, 0.0, 0
     clock = time.perf_counter
     t_step = clock()
     for idx in batches(np.asarray(indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps, rng):
@@ -167,6 +173,14 @@ def local_train(
             now = clock()
             on_step(now - t_step)
             t_step = clock()
+        if per_epoch:
+            epoch_loss += float(loss.detach()) * len(idx)
+            epoch_n += len(idx)
+            if steps % per_epoch == 0:  # an epoch ended
+                mean_loss = epoch_loss / epoch_n
+                if mean_loss >= best:
+                    break
+                best, epoch_loss, epoch_n = mean_loss, 0.0, 0
     for h in hooks:
         h.remove()
     for p in named.values():

@@ -15,9 +15,11 @@ structured part) and publishes ``theta <- theta_base * M`` (pruned
 coordinates exactly zero). ``M`` reaches the driver-side instance through
 :meth:`Method.public_state` / :meth:`Method.sync_from_server`. A round in
 which no exploring client arrived leaves the run in Phase 0.
-Early stopping on the exploring clients' training loss is not applied: each
-copy trains exactly ``explore_epochs`` epochs (the local trainer has no
-early-stopping hook yet).
+Each exploring copy trains up to ``explore_epochs`` epochs and stops early at
+the first epoch whose mean training loss does not improve on the best earlier
+one (``Assignment.early_stop``); its cost is predicted at dispatch for the
+full ``explore_epochs`` (the device's budget), since where it stops is only
+known afterwards.
 
 Phase 1 -- FL on the masked model. Sampled clients train with
 ``Assignment.mask = M`` (the trainer restores every uncovered coordinate,
@@ -99,7 +101,8 @@ class _Pruned(Method):
     def plan(self, client_id: int, version: int) -> Assignment:
         c = int(client_id)
         if self.mask is None:
-            return Assignment(client_id=c, local_epochs=self.params.explore_epochs, info=(("phase", 0), ("density", 1.0)))
+            return Assignment(client_id=c, local_epochs=self.params.explore_epochs, early_stop=True,
+                              info=(("phase", 0), ("density", 1.0)))
         return Assignment(client_id=c, mask=self.mask, download_mask=self.mask, send="delta",
                           info=(("phase", 1), ("density", self.density())))
 

@@ -61,6 +61,7 @@ class Assignment:
     score_batches: int = 4  # with keep_policy: local mini-batches used to score channels
     hidden_scale: float | None = None  # HeteroFL scaler (outputs of hidden layers / beta while training)
     collect_sq_grads: bool = False  # report accumulated squared gradients (PR-FL importance)
+    early_stop: bool = False  # stop local epochs once the training loss stops falling (costed as the full epochs)
     train_flops_per_example: int | None = None  # a physically smaller model's own cost (None: from the spec)
     bytes_down: int | None = None  # predicted download bytes when not one encoding of download_mask (PR-FL residual split)
     bytes_up: int | None = None  # predicted upload bytes when the mask is chosen by the client (CA-HFP)
