@@ -106,6 +106,11 @@ class Method:
     def sync_from_server(self, state: Mapping) -> None:
         """Receive what the aggregator-side instance published with :meth:`public_state`."""
 
+    def finished(self) -> bool:
+        """The method's own end of training (PR-FL: fully recovered and plateaued); the run
+        also ends at ``server.rounds`` or ``server.max_virtual_s``."""
+        return False
+
     def deadline(self, predicted_s: np.ndarray) -> float | None:
         """Sync rounds: seconds after the round start after which updates are dropped."""
         return None

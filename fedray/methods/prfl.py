@@ -123,6 +123,7 @@ class PRFL(Method):
         p = self.params
         self.fifo = RoundTimeFifo(p.recompute_every)
         self.rho_min = float(p.rho_min)
+        self.done = False  # Stage 2 ended: all densities 1 and a last plateau
         self.plateau = Plateau(p.patience, p.min_delta)
         self.scores: dict[str, np.ndarray] | None = None
         self.like: dict[str, np.ndarray] | None = None
@@ -153,6 +154,11 @@ class PRFL(Method):
         if plateaued and self.rho_min < 1.0:
             self.rho_min = recovery_step(self.rho_min, self.params.delta_rho)
             self.replan()
+        elif plateaued:  # every density is 1 and the accuracy plateaued once more: training ends
+            self.done = True
+
+    def finished(self) -> bool:
+        return self.done
 
     def sync_from_server(self, state: Mapping) -> None:
         if "dtypes" in state:

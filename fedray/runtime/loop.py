@@ -404,7 +404,7 @@ class Runner:
         pipelined = not self.method.feedback and cfg.devices.mode == "simulated"
         t, r = 0.0, 0
         waiting = None  # (recs, info_ref, round) of the round whose results are not read yet
-        while self.version < cfg.server.rounds and not self._out_of_time(t):
+        while self.version < cfg.server.rounds and not self._out_of_time(t) and not self.method.finished():
             cand = self.available(t)
             if len(cand) == 0:
                 t += self._wake_s()
@@ -465,7 +465,7 @@ class Runner:
                 inflight += 1
 
         refill(t)
-        while self.version < cfg.server.rounds and heap:
+        while self.version < cfg.server.rounds and heap and not self.method.finished():
             t, _, kind, rec = heapq.heappop(heap)
             if self._out_of_time(t):
                 break

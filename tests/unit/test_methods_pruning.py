@@ -291,6 +291,14 @@ def test_prfl_densities_from_round_times_and_recovery_on_plateau():
     assert driver.rho_min == pytest.approx(0.3)
     assert driver.rho[7] == pytest.approx(0.3) and driver.rho[2] == pytest.approx(0.3)
     assert dict(driver.plan(7, 0).info)["density"] == pytest.approx(0.3, abs=2e-3)
+    assert not driver.finished()
+    for step in range(4):  # 0.3 -> 0.5 -> 0.7 -> 0.9 -> 1.0, a recovery at every plateau
+        driver.on_eval(0.5, 1.0)
+        driver.on_eval(0.5, 1.0)
+    assert driver.rho_min == 1.0 and all(r == 1.0 for r in driver.rho.values()) and not driver.finished()
+    driver.on_eval(0.5, 1.0)
+    driver.on_eval(0.5, 1.0)  # a last plateau with every density at 1: PR-FL's training ends
+    assert driver.finished()
 
 
 def test_prfl_state_survives_a_checkpoint():
