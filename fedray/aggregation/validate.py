@@ -24,8 +24,10 @@ import numpy as np
 from fedray.submodel.encode import Entry, Payload
 from fedray.update import Update
 
+# every reason the aggregator counts; "nonfinite_result": an aggregation that would have made the
+# model non-finite is discarded with its updates
 REASONS = ("duplicate", "stale", "client_error", "zero_examples", "missing_key", "unknown_key",
-           "shape", "dtype", "mask_mismatch", "nonfinite")
+           "shape", "dtype", "mask_mismatch", "nonfinite", "nonfinite_result")
 
 
 def _check_entry(e: Entry, ref: np.ndarray) -> str | None:

@@ -29,6 +29,7 @@ import torch
 from fedray import config as C
 from fedray import seeding
 from fedray.aggregation.actor import AggregatorActor
+from fedray.aggregation.validate import REASONS
 from fedray.client.actor import ClientActor, Task
 from fedray.client.trainer import get_params
 from fedray.data.datasets import Dataset, load_dataset
@@ -517,8 +518,9 @@ class Runner:
             state["t"] = t
             self.recorder.event(event="aggregate", round=rnd, version=v, virtual_s=t, wall_s=wall,
                                 buffer=res.get("buffer", 0), fill_s=t - state["last_agg_t"])
+            rejected = res.get("rejected", {})
             self.recorder.scalars(v, {"agg/buffer": res.get("buffer", 0), "agg/fill_s": t - state["last_agg_t"],
-                                      **{f"agg/rejected/{k}": n for k, n in res.get("rejected", {}).items()}})
+                                      **{f"agg/rejected/{k}": rejected.get(k, 0) for k in REASONS}})
             self.recorder.histogram("agg/staleness", [x for x in res.get("staleness", []) if x is not None], v)
             state["last_agg_t"] = t
             if "accuracy" in res:
@@ -570,8 +572,9 @@ class Runner:
             summary["target_accuracy"] = target
             summary["time_to_target_s"] = state["target_s"]
         # the papers' seed metrics, under the same tags for every method
-        self.recorder.scalars(self.version, {f"summary/{k}": summary.get(k) for k in SUMMARY_TAGS
-                                             if isinstance(summary.get(k), (int, float))}, virtual_s=state["t"])
+        self.recorder.scalars(self.version, {  # NaN where a run has no value (target never reached)
+            f"summary/{k}": summary[k] if isinstance(summary.get(k), (int, float)) else math.nan
+            for k in SUMMARY_TAGS}, virtual_s=state["t"])
         self.recorder.close(summary)
         self.shutdown()
         return summary
