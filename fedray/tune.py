@@ -204,14 +204,7 @@ def load_spec(path: str | Path, overrides=()) -> TuneSpec:
     """Read and validate a tune config (base config, tune section, search space)."""
     from fedray.compare import split_sections
 
-    base, sec = split_sections(path, overrides, SECTION)
-    if sec is None:
-        raise ConfigError("tune", f"'{path}' has no tune: section (space, metric, scheduler)")
-    if not isinstance(sec, Mapping):
-        raise ConfigError("tune", f"must be a mapping, got {sec!r}")
-    for k in sec:
-        if k not in KNOWN_KEYS:
-            raise ConfigError(f"tune.{k}", f"unknown key (known: {', '.join(KNOWN_KEYS)})")
+    base, sec = split_sections(path, overrides, SECTION, KNOWN_KEYS, "space, metric, scheduler")
     cfg = C.from_dict(base)
     metric = sec.get("metric", "accuracy")
     if metric not in METRICS:
