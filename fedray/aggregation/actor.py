@@ -15,6 +15,7 @@ import torch
 
 from fedray.aggregation import rules, validate
 from fedray.aggregation.buffer import lazy_decode
+from fedray.aggregation.kernels import all_finite
 from fedray.client.trainer import evaluate, load_params, resolve_device
 from fedray.runtime.cluster import fetch_lists
 from fedray.submodel.encode import Payload
@@ -73,7 +74,7 @@ class AggregatorCore:
         if not self.pending:
             return False
         new = self.method.aggregate(self.params, self.pending, self.version)
-        bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+        bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not all_finite(v)]
         if bad:  # never publish a non-finite model: drop this aggregation
             self.rejected["nonfinite_result"] += len(self.pending)
             self.pending.clear()

@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from fedray.aggregation.kernels import all_finite, popcount, strictly_increasing
 from fedray.submodel.encode import Entry, Payload
 from fedray.update import Update
 
@@ -44,7 +45,7 @@ def _check_entry(e: Entry, ref: np.ndarray) -> str | None:
         for ax, ix in enumerate(e.index):
             if ix.ndim != 1 or not np.issubdtype(ix.dtype, np.integer):
                 return "mask_mismatch"
-            if len(ix) and (ix.min() < 0 or ix.max() >= ref.shape[ax] or np.any(np.diff(ix) <= 0)):
+            if not strictly_increasing(ix, 0, ref.shape[ax]):
                 return "mask_mismatch"
         if e.values.shape != tuple(len(ix) for ix in e.index):
             return "mask_mismatch"
@@ -54,19 +55,19 @@ def _check_entry(e: Entry, ref: np.ndarray) -> str | None:
         ix = e.index[0]
         if ix.ndim != 1 or e.values.shape != ix.shape or not np.issubdtype(ix.dtype, np.integer):
             return "mask_mismatch"
-        if len(ix) and (ix.min() < 0 or ix.max() >= ref.size or np.any(np.diff(ix) <= 0)):
+        if not strictly_increasing(ix, 0, ref.size):
             return "mask_mismatch"
     elif e.kind == "bitmask":
         bits = e.index[0] if len(e.index) == 1 else None
         if bits is None or bits.dtype != np.uint8 or bits.ndim != 1 or len(bits) != -(-ref.size // 8):
             return "mask_mismatch"
-        if e.values.ndim != 1 or int(np.unpackbits(bits).sum()) != len(e.values):
+        if e.values.ndim != 1 or popcount(bits) != len(e.values):
             return "mask_mismatch"
-        if ref.size % 8 and bits[-1] & ((1 << (8 - ref.size % 8)) - 1):  # padding bits must be clear
+        if ref.size % 8 and bits[-1] >> (ref.size % 8):  # padding bits (the high ones) must be clear
             return "mask_mismatch"
     else:
         return "mask_mismatch"
-    if np.issubdtype(e.values.dtype, np.floating) and not np.isfinite(e.values).all():
+    if np.issubdtype(e.values.dtype, np.floating) and not all_finite(e.values):
         return "nonfinite"
     return None
 

@@ -6,8 +6,9 @@ A :class:`Payload` carries only what a client trained, tensor by tensor:
 - ``slices``: one int32 index array per axis plus the values of the sub-block
   ``tensor[np.ix_(*index)]`` (structured submodels: channels, rows, widths);
 - ``sparse``: flat int32 (or int64) indices plus values (very sparse unstructured masks);
-- ``bitmask``: the mask packed 8 coordinates a byte (``np.packbits`` of the flattened mask)
-  plus the covered values in C order (unstructured masks above ~3% density, where a bit per
+- ``bitmask``: the flattened mask packed 8 coordinates a byte, coordinate ``i`` in bit
+  ``i % 8`` of byte ``i // 8`` (``np.packbits(..., bitorder="little")``: a 16-bit
+  little-endian load is the lane mask of 16 coordinates) plus the covered values in C order (unstructured masks above ~3% density, where a bit per
   coordinate is cheaper than a 4-byte index per covered one).
 
 ``encode`` picks the smallest correct form for each tensor; ``decode`` returns
@@ -22,6 +23,8 @@ from typing import Mapping
 import numpy as np
 
 from fedray.submodel.masks import Mask
+
+BITORDER = "little"  # bit order of ``bitmask`` entries (np.packbits / np.unpackbits)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def encode_tensor(values: np.ndarray, m: np.ndarray | None) -> Entry | None:
         sl = forms["slices"][1]
         return Entry("slices", np.ascontiguousarray(values[np.ix_(*sl)]), sl)
     if kind == "bitmask":
-        return Entry("bitmask", np.ascontiguousarray(values[m]), (np.packbits(m.reshape(-1)),))
+        return Entry("bitmask", np.ascontiguousarray(values[m]), (np.packbits(m.reshape(-1), bitorder=BITORDER),))
     flat = np.flatnonzero(m).astype(_index_dtype(values.size))
     return Entry("sparse", values.reshape(-1)[flat], (flat,))
 
@@ -135,7 +138,7 @@ def decode_entry(e: Entry, shape: tuple[int, ...], dtype=None) -> tuple[np.ndarr
         vals.reshape(-1)[e.index[0]] = e.values
         m.reshape(-1)[e.index[0]] = True
     elif e.kind == "bitmask":
-        m = np.unpackbits(e.index[0], count=int(np.prod(shape, dtype=np.int64))).view(bool).reshape(shape)
+        m = np.unpackbits(e.index[0], count=int(np.prod(shape, dtype=np.int64)), bitorder=BITORDER).view(bool).reshape(shape)
         vals[m] = e.values
     else:
         raise ValueError(f"unknown payload entry kind {e.kind!r}")
@@ -158,15 +161,6 @@ def tensor_nbytes(ref: np.ndarray, m: np.ndarray | None) -> int:
         return int(np.size(ref)) * itemsize
     n, forms = _forms(int(np.size(ref)), itemsize, m)
     return 0 if n == 0 else _choose(forms)[1]
-
-
-def as_sparse(e: Entry) -> Entry:
-    """A ``bitmask`` entry as the equivalent ``sparse`` one (flat indices); others unchanged."""
-    if e.kind != "bitmask":
-        return e
-    bits = np.unpackbits(e.index[0])
-    idx = np.flatnonzero(bits).astype(np.int32 if bits.size < 2**31 else np.int64)
-    return Entry("sparse", e.values, (idx,))
 
 
 def payload_nbytes(like: Mapping[str, np.ndarray], mask: Mask | None = None) -> int:

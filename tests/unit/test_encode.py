@@ -100,10 +100,6 @@ def test_dense_masks_travel_as_bitmasks_and_are_cheaper_than_dense(params):
     values, mask = decode(p, {"fc.weight": (10, 32)})
     assert np.array_equal(mask["fc.weight"], m["fc.weight"])
     assert np.array_equal(values["fc.weight"][m["fc.weight"]], params["fc.weight"][m["fc.weight"]])
-    from fedray.submodel.encode import as_sparse
-
-    s = as_sparse(e)
-    assert s.kind == "sparse" and np.array_equal(s.index[0], np.flatnonzero(m["fc.weight"]))
 
 
 def test_bitmask_validation(params):
@@ -122,3 +118,11 @@ def test_bitmask_validation(params):
     assert check(h, Payload({"fc.weight": short}), params) == "mask_mismatch"
     bad = Entry("bitmask", e.values, (e.index[0][:-1],))
     assert check(h, Payload({"fc.weight": bad}), params) == "mask_mismatch"
+    odd = {"b": np.zeros(13, np.float32)}  # 13 coordinates: 3 padding bits, the high ones of byte 1
+    m13 = np.arange(13) % 3 == 0
+    e13 = encode(odd, {"b": m13}).entries["b"]
+    assert e13.kind == "bitmask" and check(h, Payload({"b": e13}), odd) is None
+    assert np.array_equal(decode(Payload({"b": e13}), {"b": (13,)})[1]["b"], m13)
+    padded = e13.index[0].copy()
+    padded[1] |= 0x80
+    assert check(h, Payload({"b": Entry("bitmask", np.zeros(6, np.float32), (padded,))}), odd) == "mask_mismatch"

@@ -14,7 +14,7 @@ from fedray.aggregation import kernels as K
 from fedray.aggregation import rules
 from fedray.aggregation.actor import AggregatorCore
 from fedray.aggregation.buffer import PayloadMask, PayloadValues, lazy_decode, payload_backed
-from fedray.submodel.encode import Entry, Payload, decode, encode, encode_tensor
+from fedray.submodel.encode import BITORDER, Entry, Payload, decode, encode, encode_tensor
 from fedray.update import Update
 
 SHAPES = {"conv": (6, 5, 3, 3), "fc": (7, 11), "bias": (13,), "scalar": ()}
@@ -95,6 +95,10 @@ def test_kernel_equals_reference_across_tiles_and_threads(mode, dtype):
     ws.append(0.5)
     pieces.append(Entry("sparse", rng.normal(size=3).astype(dtype), (np.array([0, 77, 179], np.int64),)))
     ws.append(0.25)
+    sl = (np.array([1, 4, 8]), np.array([0, 3]), np.array([2]))
+    pieces.append(Entry("slices", rng.normal(size=(3, 2, 1)).astype(dtype), sl))
+    ws.append(0.75)
+    assert {"bitmask", "slices", "dense", "sparse", "masked"} <= {p.kind for p in pieces}
     ref = K.merge_reference(old, pieces, ws, mode, scale=0.3)
     assert np.isfinite(ref).all()
     for tile in (1, 5, 16, 64, 4096):  # 5 rounds up to 8
@@ -135,6 +139,45 @@ def test_kernel_edge_cases():
         K.merge(old, zero_w, [-1.0])
     with pytest.raises(ValueError, match="float32/float64"):
         K.merge(old.astype(np.float16), [], [])
+    bits = np.packbits(np.isin(np.arange(10), [1, 8]), bitorder=BITORDER)
+    bm = Entry("bitmask", np.full(2, 7, np.float32), (bits,))
+    for mode in (K.MEAN, K.DELTA, K.MIX):  # a bitmask merges like the same sparse entry
+        np.testing.assert_array_equal(K.merge(old, [bm], [0.25], mode, scale=0.5),
+                                      K.merge(old, zero_w, [0.25], mode, scale=0.5))
+    short = K.merge(old, [Entry("bitmask", np.ones(1, np.float32), (bits,))], [1.0])  # more bits than values:
+    assert np.isfinite(short).all()  # a wrong result (validation rejects such updates), never a read past the end
+    with pytest.raises(ValueError, match="uint8 bytes"):
+        K.merge(old, [Entry("bitmask", np.ones(2, np.float32), (bits[:1],))], [1.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_checks_every_element(dtype):
+    a = np.linspace(-3, 3, 1001).astype(dtype)
+    a[5] = np.finfo(dtype).max
+    assert K.all_finite(a) and K.all_finite(a[::7]) and K.all_finite(a[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in (0, 500, 1000):
+            b = a.copy()
+            b[at] = bad
+            assert not K.all_finite(b) and not K.all_finite(b.reshape(7, 11, 13))
+    assert K.all_finite(np.arange(5))
+
+
+def test_popcount_counts_packed_mask_bits():
+    m = np.random.default_rng(0).random(1003) < 0.3
+    assert K.popcount(np.packbits(m)) == m.sum() and K.popcount(np.zeros(0, np.uint8)) == 0
+    with pytest.raises(ValueError, match="uint8"):
+        K.popcount(np.ones(3, np.int64))
+
+
+def test_strictly_increasing_is_sorted_unique_in_range():
+    ok = np.array([0, 3, 9], np.int32)
+    assert K.strictly_increasing(ok, 0, 10) and K.strictly_increasing(ok.astype(np.uint64), 0, 10)
+    assert K.strictly_increasing(ok[:0], 0, 0)
+    for bad in ([0, 3, 10], [-1, 3], [3, 3], [4, 3]):
+        assert not K.strictly_increasing(np.array(bad, np.int64), 0, 10), bad
+    with pytest.raises(ValueError, match="integer"):
+        K.strictly_increasing(np.array([0.5]), 0, 10)
 
 
 # ------------------------------------------------------------------ rules fast path
