@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +113,6 @@ def cahfp(runs) -> list[str]:
 
 def autoflip(runs) -> list[str]:
     labs = [x for x in ("autoflip", "fedavg", "random_prune") if x in runs]
-    dens = lambda s: f"{s.get('density_mean', float('nan')):.2f}" if "density_mean" in s else "—"  # noqa: E731
     out = table(runs, labs, [("final acc", lambda s: f"{s['final_accuracy']:.3f}"),
                              ("train FLOPs", lambda s: f"{s['train_flops'] / 1e9:.2f}G"),
                              ("sparse FLOPs", lambda s: f"{s.get('sparse_train_flops', s['train_flops']) / 1e9:.2f}G"),

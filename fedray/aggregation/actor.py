@@ -16,10 +16,17 @@ import torch
 from fedray.aggregation import rules, validate
 from fedray.aggregation.buffer import lazy_decode
 from fedray.aggregation.kernels import all_finite
+from fedray.client.actor import train_call
 from fedray.client.trainer import evaluate, load_params, resolve_device
 from fedray.runtime.cluster import fetch_lists
 from fedray.submodel.encode import Payload
 from fedray.update import Update
+
+
+INLINE_BYTES = 100 * 1024
+"""Ray's ``max_direct_call_object_size``: a smaller task argument travels inside the task
+(no object-store round trip); a model this small is sent by value, a larger one is put once
+per version and sent by reference."""
 
 
 class Evaluator:
@@ -149,6 +156,9 @@ class AggregatorActor:
         self.puts = 0
         self._ref = None
         self._ref_version = -1
+        self.actors, self.shared = [], []
+        self.inline = sum(v.nbytes for v in params.values()) < INLINE_BYTES
+        self.inlined, self._inline_version = 0, -1  # versions sent by value (small models)
 
     def model_ref(self) -> list:
         """``[ref]`` to the current version (wrapped so Ray does not resolve it)."""
@@ -159,7 +169,7 @@ class AggregatorActor:
         return [self._ref]
 
     def receive(self, calls: list, items: list, force: bool = False, evaluate: bool = True) -> dict:
-        """``calls`` = [[headers_ref, payloads_ref]], one pair per client-actor call; ``items`` =
+        """``calls`` = [[headers_ref, payload refs...]], one list per client-actor call; ``items`` =
         [(call index, slot, expected_keys)], in the order to admit them. Headers and payloads
         are fetched here (zero-copy); an update whose actor or node was lost is skipped (the
         driver records it as a drop)."""
@@ -168,27 +178,45 @@ class AggregatorActor:
         return out
 
     def _receive(self, calls: list, items: list, **kwargs) -> dict:
-        got = fetch_lists([ref for pair in calls for ref in pair])
-        lists = [(got[h], got[p]) for h, p in calls]
-        triples = [(lists[c][0][i], lists[c][1][i], e) for c, i, e in items
-                   if not any(isinstance(x, Exception) for x in lists[c])]
+        return self._admit_lists(self._fetch(calls), items, **kwargs)
+
+    @staticmethod
+    def _fetch(calls: list) -> list:
+        """Per call ``[headers, payloads...]``, or the exception that lost the call."""
+        got = fetch_lists([ref for refs in calls for ref in refs])
+        out = []
+        for refs in calls:
+            vals = [got[r] for r in refs]
+            out.append(next((v for v in vals if isinstance(v, Exception)), vals))
+        return out
+
+    def _admit_lists(self, lists: list, items: list, **kwargs) -> dict:
+        triples = [(lists[c][0][i], lists[c][1 + i], e) for c, i, e in items if not isinstance(lists[c], Exception)]
         return self.core.receive(triples, **kwargs)
 
-    def close_round(self, calls: list, items: list):
-        """A synchronous round: admit ``items`` (as in :meth:`receive`), aggregate, and return
-        ``(info, params)``; called with ``num_returns=2``, the params become the one object
-        of the new version that every client of the next round reads. The driver can hand
-        that reference to the next round before this call has run (pipelining). Evaluation
-        is a separate call (:meth:`evaluate`), so it runs while the next round trains."""
-        out = self._receive(calls, items, force=True, evaluate=False, close=True)
-        self.puts += 1
-        self._ref_version = -1
-        return out, self.core.params
+    def attach(self, actors: list, shared: list) -> None:
+        """The client actors and the data references, for the rounds this actor dispatches."""
+        self.actors, self.shared = actors, shared
 
-    def evaluate(self) -> dict:
-        """Test accuracy and loss of the current version."""
-        acc, loss = self.core.evaluator(self.core.params)
-        return {"version": self.core.version, "accuracy": acc, "loss": loss}
+    def round(self, dispatch: list, items: list, evaluate: bool) -> dict:
+        """One synchronous round, dispatched from here: ``dispatch`` = [(actor index, tasks)],
+        one training call per client actor with the current version; ``items`` = [(call index,
+        slot, expected keys)] in admission order. The results come straight back to this actor,
+        so the driver is off the round's path (two actor hops a round instead of four). The
+        round always ends in a new version (``close``), evaluated here when ``evaluate``.
+        Returns the aggregation info plus ``headers``: per call, its list of update headers or
+        the exception that lost it (actor or node gone after Ray's retries)."""
+        if self.inline:  # by value: Ray copies it into each call, no object-store round trip
+            ref = self.core.params
+            if self._inline_version != self.core.version:
+                self._inline_version = self.core.version
+                self.inlined += 1
+        else:
+            ref = self.model_ref()[0]
+        lists = self._fetch([train_call(self.actors[i], ref, tasks, self.shared) for i, tasks in dispatch])
+        out = self._admit_lists(lists, items, force=True, evaluate=evaluate, close=True)
+        out["headers"] = [x if isinstance(x, Exception) else x[0] for x in lists]
+        return out
 
     def params(self) -> dict:
         return self.core.params
@@ -197,7 +225,8 @@ class AggregatorActor:
         return self.core.public_state()
 
     def stats(self) -> dict:
-        return {"version": self.core.version, "puts": self.puts, "applied": self.core.applied,
+        return {"version": self.core.version, "puts": self.puts, "inlined": self.inlined,
+                "applied": self.core.applied,
                 "rejected": dict(self.core.rejected)}
 
     def state_dict(self) -> dict:

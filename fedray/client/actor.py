@@ -2,9 +2,9 @@
 
 One actor trains for one or several logical clients (pooled simulation). It
 holds the shared training arrays (read zero-copy from the object store) and one
-model instance; each call receives the model version by object reference and a
-list of tasks, and returns for every task two objects: the update header and
-its payload, so the driver never touches the big arrays.
+model instance; each call receives the model version (by object reference, or by
+value when it is small enough for Ray to inline) and a list of tasks, and returns
+the list of update headers plus one object per update payload.
 """
 from __future__ import annotations
 
@@ -149,10 +149,9 @@ class ClientWorker:
 
 @ray.remote
 class ClientActor:
-    """Ray shell: ``train_many`` returns two objects, the list of update headers and the list
-    of their payloads (one object each per call, not per client: Ray's per-object cost is
-    paid once per call). Call as ``actor.train_many.options(num_returns=2).remote(model_ref,
-    tasks, shared)``.
+    """Ray shell: ``train_many`` returns ``1 + len(tasks)`` objects, the list of update
+    headers and each update's payload (a small payload travels inside the call's reply, a
+    large one through the object store). Call through :func:`train_call`.
     """
 
     def __init__(self, cfg, input_shape, num_classes):
@@ -167,7 +166,7 @@ class ClientActor:
             cfg, input_shape, num_classes = self.args
             self.worker = ClientWorker(cfg, data, partitions, input_shape, num_classes)
         updates = self.worker.run(params, tasks)
-        return [u.header() for u in updates], [u.payload for u in updates]
+        return ([u.header() for u in updates], *[u.payload for u in updates])
 
     def pid(self) -> int:
         return os.getpid()
@@ -175,3 +174,8 @@ class ClientActor:
     def node_id(self) -> str:
         """The Ray node this actor runs on (placement checks)."""
         return ray.get_runtime_context().get_node_id()
+
+
+def train_call(actor, params, tasks: list[Task], shared: list) -> list:
+    """Submit one ``train_many`` call (``tasks`` non-empty): ``[headers ref, payload refs...]``."""
+    return actor.train_many.options(num_returns=len(tasks) + 1).remote(params, tasks, shared)

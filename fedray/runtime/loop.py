@@ -15,6 +15,7 @@ the simulated communication; only synchronous schedules run in real mode.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import math
@@ -30,7 +31,7 @@ from fedray import config as C
 from fedray import seeding
 from fedray.aggregation.actor import AggregatorActor
 from fedray.aggregation.validate import REASONS
-from fedray.client.actor import ClientActor, Task
+from fedray.client.actor import ClientActor, Task, train_call
 from fedray.client.trainer import get_params
 from fedray.data.datasets import Dataset, load_dataset
 from fedray.data.partition import cached_partition, partition
@@ -115,9 +116,9 @@ class Inflight:
     round: int = field(compare=False)
     energy_j: float = field(compare=False)
     flops: int = field(compare=False)
-    header_ref: object = field(default=None, compare=False)  # the call's list of headers
-    payload_ref: object = field(default=None, compare=False)  # the call's list of payloads
-    slot: int = field(default=0, compare=False)  # this task's index in both lists
+    call_refs: list = field(default=None, compare=False)  # [headers ref, payload refs...] of a driver-sent call
+    call: int = field(default=0, compare=False)  # the call's index among its dispatch's calls
+    slot: int = field(default=0, compare=False)  # this task's index in the call's lists
 
 
 @dataclass
@@ -160,9 +161,14 @@ class Runner:
         self.pools, self.placement_group = cluster.create_client_actors(
             cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(
                 cfg, ds.input_shape, ds.num_classes))
-        self.actors = [a for pool in self.pools.values() for a in pool]
+        self.actors, self.actor_index = [], {}
+        for pool, actors in self.pools.items():
+            for i, a in enumerate(actors):
+                self.actor_index[(pool, i)] = len(self.actors)
+                self.actors.append(a)
         self.aggregator = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
             cfg, s.params, test_ref, ds.input_shape, ds.num_classes, s.spec)
+        self.aggregator.attach.remote(self.actors, self.shared)  # it dispatches synchronous rounds
         self.model_ref = ray.get(self.aggregator.model_ref.remote())[0]
         published = ray.get(self.aggregator.public_state.remote())
         if published is not None:
@@ -170,6 +176,7 @@ class Runner:
         self.version = 0
         self.next_dispatch = 0
         self.like = s.params  # shapes and dtypes of the global model
+        self._dense_bytes = None
         self.cost_model = costs.CostModel(shared_server_bps=cfg.devices.shared_server_bps,
                                           noise_sigma=cfg.devices.noise_sigma)
         n = cfg.data.num_clients
@@ -216,13 +223,25 @@ class Runner:
             trained = set(spec.layer_names)
         # a physically smaller model (CA-HFP) carries its own per-example FLOPs
         flops = (a.train_flops_per_example * examples if a.train_flops_per_example is not None
-                 else spec.train_flops(trained, examples))
-        up = payload_nbytes(self.like, a.mask) if a.bytes_up is None else a.bytes_up
+                 else examples * self._flops_per_example(frozenset(trained)))
+        up = self._nbytes(a.mask) if a.bytes_up is None else a.bytes_up
         if a.collect_sq_grads:  # dense squared gradients of the trained parameters travel as aux arrays
             keys = a.trainable if a.trainable is not None else (a.mask.keys() if a.mask is not None else self.like)
             up += payload_nbytes({k: self.like[k] for k in keys if k in spec.param_keys})
-        down = payload_nbytes(self.like, a.download_mask) if a.bytes_down is None else a.bytes_down
+        down = self._nbytes(a.download_mask) if a.bytes_down is None else a.bytes_down
         return {"train_flops": int(flops), "bytes_down": down, "bytes_up": up}
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (one Runner per run)
+    def _flops_per_example(self, trained: frozenset) -> int:
+        return self.setup.spec.train_flops(trained, 1)
+
+    def _nbytes(self, mask) -> int:
+        """Payload bytes of the model under ``mask`` (the dense size computed once)."""
+        if mask is None:
+            if self._dense_bytes is None:
+                self._dense_bytes = payload_nbytes(self.like)
+            return self._dense_bytes
+        return payload_nbytes(self.like, mask)
 
     def _density_factor(self, mask) -> float:
         """FLOPs a sparse kernel would execute, relative to the dense ones: every layer's FLOPs
@@ -281,22 +300,29 @@ class Runner:
             self._charge(c, t)
             self.battery[c] = costs.drain(self.battery[c], r.energy_j, p.battery_j)
             self.battery_t[c] = r.t_end
-        self._send([r for r in recs if r.outcome == "update"])
         return recs
 
-    def _send(self, recs: list[Inflight]) -> None:
-        """One Ray call per actor for the tasks routed to it (by the client's tier pool)."""
-        groups: dict[tuple, list[Inflight]] = {}
+    def _groups(self, recs: list[Inflight]) -> list[tuple[int, list[Inflight]]]:
+        """One call per client actor for the update tasks routed to it (by the client's tier
+        pool): ``[(actor index, records)]``; sets every record's call index and slot."""
+        groups: dict[int, list[Inflight]] = {}
         for r in recs:
+            if r.outcome != "update":
+                continue
             tier = self.setup.profiles[r.task.assignment.client_id].tier
             pool = tier if tier in self.pools else None
-            groups.setdefault((pool, r.dispatch_id % len(self.pools[pool])), []).append(r)
-        for (pool, i), group in groups.items():
-            actor = self.pools[pool][i]
-            headers, payloads = actor.train_many.options(num_returns=2).remote(
-                self.model_ref, [r.task for r in group], self.shared)
+            groups.setdefault(self.actor_index[(pool, r.dispatch_id % len(self.pools[pool]))], []).append(r)
+        for n, group in enumerate(groups.values()):
             for j, r in enumerate(group):
-                r.header_ref, r.payload_ref, r.slot = headers, payloads, j
+                r.call, r.slot = n, j
+        return list(groups.items())
+
+    def _send(self, recs: list[Inflight]) -> None:
+        """Dispatch from the driver (asynchronous schedules): the aggregator fetches the results."""
+        for i, group in self._groups(recs):
+            refs = train_call(self.actors[i], self.model_ref, [r.task for r in group], self.shared)
+            for r in group:
+                r.call_refs = refs
 
     # ------------------------------------------------------------ resolution
     def _row(self, r: Inflight, event: str, **extra) -> dict:
@@ -314,16 +340,16 @@ class Runner:
         return row
 
     def _items(self, ups: list[Inflight]) -> tuple[list, list]:
-        """Aggregator input ``(calls, items)``: the *references* to each actor call's header and
-        payload lists (the aggregator fetches them itself, so the driver never waits for a training
-        result before the aggregation call; each reference travels once, not once per update),
-        and per update ``(call index, slot, expected keys)`` in admission order."""
+        """Aggregator input ``(calls, items)``: the *references* of each actor call (the aggregator
+        fetches them itself, so the driver never waits for a training result before the
+        aggregation call; each reference travels once), and per update ``(call index, slot,
+        expected keys)`` in admission order."""
         calls: dict = {}
         items = []
         for r in ups:
-            i = calls.setdefault(r.header_ref, (len(calls), r.payload_ref))[0]
+            i = calls.setdefault(r.call_refs[0], (len(calls), r.call_refs))[0]
             items.append((i, r.slot, self._expected(r.task)))
-        return [[h, p] for h, (_, p) in calls.items()], items
+        return [refs for _, refs in calls.values()], items
 
     def _resolve(self, recs: list[Inflight], *, force: bool, evaluate: bool) -> dict | None:
         """Hand finished records (already in order) to the aggregator; record every event."""
@@ -340,7 +366,12 @@ class Runner:
     def _record(self, recs: list[Inflight], res: dict | None) -> None:
         """Read the headers of ``recs``, feed the method its telemetry, write every event row."""
         ups = [r for r in recs if r.outcome == "update"]
-        headers = self._headers(ups)
+        if res is not None and "headers" in res:  # a round the aggregator dispatched brings them
+            calls = res["headers"]
+            headers = {r.dispatch_id: calls[r.call] if isinstance(calls[r.call], Exception) else calls[r.call][r.slot]
+                       for r in ups}
+        else:
+            headers = self._headers(ups)
         reasons = dict(res["results"]) if res else {}
         staleness = dict(zip([d for d, _ in res["results"]], res["staleness"])) if res else {}
         rows = []
@@ -369,9 +400,9 @@ class Runner:
     @staticmethod
     def _headers(recs: list[Inflight]) -> dict:
         """Update headers by dispatch id (one fetch per actor call); a lost one becomes its exception."""
-        calls = cluster.fetch_lists([r.header_ref for r in recs])
-        return {r.dispatch_id: (calls[r.header_ref] if isinstance(calls[r.header_ref], Exception)
-                                else calls[r.header_ref][r.slot]) for r in recs}
+        calls = cluster.fetch_lists([r.call_refs[0] for r in recs])
+        return {r.dispatch_id: (calls[r.call_refs[0]] if isinstance(calls[r.call_refs[0]], Exception)
+                                else calls[r.call_refs[0]][r.slot]) for r in recs}
 
     def _expected(self, task: Task) -> list[str]:
         m = task.assignment.mask
@@ -397,10 +428,12 @@ class Runner:
         return min(60.0, self.cfg.devices.availability_cycle_s / 10)
 
     def _sync(self, on_aggregate) -> None:
-        """Synchronous rounds. Each round ends in a new version (``close_round``). For methods
-        whose planning needs no feedback from finished rounds, the loop is pipelined: round
-        r+1 is dispatched with the *reference* to round r's model before round r has been
-        aggregated (Ray resolves the dependency), and round r's results are read afterwards."""
+        """Synchronous rounds, each one call of the aggregator, which dispatches the round's
+        training to the client actors, aggregates and ends in a new version
+        (``AggregatorActor.round``). For methods whose planning needs no feedback from
+        finished rounds, the loop is pipelined: round r+1 is queued at the aggregator before
+        round r's results are read, so the aggregator goes from round to round without waiting
+        for the driver."""
         cfg = self.cfg
         pipelined = not self.method.feedback and cfg.devices.mode == "simulated"
         t, r = 0.0, 0
@@ -412,15 +445,15 @@ class Runner:
                 continue
             sel = self.method.select(seeding.rng(cfg.seed, "select", r), cand, cfg.server.clients_per_round)
             recs = sorted(self._launch(sel, t, r, deadline_rule=self.method.deadline))
-            ups = [x for x in recs if x.outcome == "update"]
-            info_ref, self.model_ref = self.aggregator.close_round.options(num_returns=2).remote(*self._items(ups))
-            eval_ref = self.aggregator.evaluate.remote() if self._eval_due() else None
+            dispatch = [(i, [x.task for x in group]) for i, group in self._groups(recs)]
+            items = [(x.call, x.slot, self._expected(x.task)) for x in recs if x.outcome == "update"]
+            info_ref = self.aggregator.round.remote(dispatch, items, self._eval_due())
             self.version += 1
             for x in recs:  # every client of a synchronous round is done when the round ends
                 self.busy[x.task.assignment.client_id] = False
             if waiting is not None:
                 self._close(*waiting, on_aggregate)
-            waiting = (recs, info_ref, eval_ref, r)
+            waiting = (recs, info_ref, r)
             if not pipelined:
                 self._close(*waiting, on_aggregate)
                 waiting = None
@@ -429,10 +462,8 @@ class Runner:
         if waiting is not None:
             self._close(*waiting, on_aggregate)
 
-    def _close(self, recs, info_ref, eval_ref, r, on_aggregate) -> None:
+    def _close(self, recs, info_ref, r, on_aggregate) -> None:
         res = ray.get(info_ref)
-        if eval_ref is not None:
-            res.update(ray.get(eval_ref))
         self._record(recs, res)
         on_aggregate(res, max(x.t_end for x in recs), r)
 
@@ -461,7 +492,9 @@ class Runner:
                 return
             sel = self.method.select(seeding.rng(cfg.seed, "select", draws), cand, need)
             draws += 1
-            for rec in self._launch(sel, now, self.version):
+            recs = self._launch(sel, now, self.version)
+            self._send(recs)
+            for rec in recs:
                 heapq.heappush(heap, (rec.t_end, rec.dispatch_id, "end", rec))
                 inflight += 1
 
@@ -566,6 +599,7 @@ class Runner:
             "updates": tot.updates,
             "dropped": tot.dropped, "late": tot.late, "rejected": tot.rejected,
             "rejected_by_reason": stats["rejected"], "model_puts": stats["puts"],
+            "model_inline": stats["inlined"],
             "model_sha256": model_digest(params), "run_dir": str(self.run_dir), "placement": placement, **derived,
         }
         if target is not None:

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from fedray.client.actor import ClientActor, Task
+from fedray.client.actor import ClientActor, Task, train_call
 from fedray.config import from_dict
 from fedray.methods.base import Assignment
 from fedray.runtime.loop import prepare, run
@@ -49,9 +49,9 @@ def test_real_throttling_slows_a_quarter_speed_device_about_4x(ray_session, tmp_
     shared = [ray.put({"x": ds.x_train, "y": ds.y_train}), ray.put(s.partitions)]
     actor = ClientActor.remote(cfg, ds.input_shape, ds.num_classes)
     params = ray.put(s.params)
-    ray.get(actor.train_many.options(num_returns=2).remote(params, [Task(100, 0, Assignment(0))], shared))  # warm-up
+    ray.get(train_call(actor, params, [Task(100, 0, Assignment(0))], shared))  # warm-up
     tasks = [Task(i, 0, Assignment(0), speed=1.0 if i % 2 == 0 else 0.25) for i in range(8)]
-    out = ray.get(actor.train_many.options(num_returns=2).remote(params, tasks, shared)[0])
+    out = ray.get(train_call(actor, params, tasks, shared)[0])
     fast = sum(h.wall_s for h in out[0::2])
     slow = sum(h.wall_s for h in out[1::2])
     assert all(h.error is None for h in out)

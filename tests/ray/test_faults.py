@@ -31,12 +31,13 @@ class CrashingRunner(Runner):
 
     calls = 0
 
-    def _send(self, recs):
-        super()._send(recs)
+    def _groups(self, recs):
+        out = super()._groups(recs)
         CrashingRunner.calls += 1
         if CrashingRunner.calls == 3:
             actor = next(iter(self.pools.values()))[0]
             os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+        return out
 
 
 def test_crashed_actor_is_restarted_and_run_is_unchanged(ray_session, tmp_path):
