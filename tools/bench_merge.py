@@ -3,8 +3,8 @@
 Builds the VGG-11 CIFAR state dict (``build_model('vgg11', (3, 32, 32), 10)``,
 about 9.2 M float32 parameters), K client updates with independent random
 50% unstructured masks on every floating tensor, encoded with
-:func:`fedray.submodel.encode.encode` (sparse entries: int32 flat indices +
-float32 values), and measures in the same process, interleaved, ``--reps``
+:func:`fedray.submodel.encode.encode` as clients send them (at 50% density:
+bitmask entries, one bit per coordinate + the covered float32 values), and measures in the same process, interleaved, ``--reps``
 times (medians reported):
 
 - ``copy``: ``np.copyto`` of every array of the K payloads into preallocated
