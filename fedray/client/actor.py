@@ -18,7 +18,7 @@ import ray
 import torch
 
 from fedray import seeding
-from fedray.client.trainer import get_params, load_params, local_train, resolve_device
+from fedray.client.trainer import get_params, load_params, local_train, resolve_device, to_device
 from fedray.devices.throttle import Throttle
 from fedray.methods.base import Assignment
 from fedray.models.spec import build_compact, extract, model_spec, scatter
@@ -78,7 +78,7 @@ class ClientWorker:
         n_batches = max(1, min(a.score_batches, -(-len(order) // bs)))
         batches = [(torch.from_numpy(self.x[order[i * bs:(i + 1) * bs]]).to(self.device),
                     torch.from_numpy(self.y[order[i * bs:(i + 1) * bs]]).to(self.device)) for i in range(n_batches)]
-        self.model.to(self.device)
+        to_device(self.model, self.device)
         grad, fisher = fisher_and_grad(self.model, batches, torch.nn.functional.cross_entropy)
         return keep_top(self.spec, group_scores(self.spec, params, grad, fisher), a.keep_ratio)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -35,16 +36,29 @@ def seed_torch(seed: int, device: torch.device = torch.device("cpu")) -> None:
         torch.cuda.manual_seed(seed)
 
 
+_STATES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _state(model: nn.Module) -> dict:
+    """The model's state tensors by name (``state_dict(keep_vars=True)``, which walks every
+    module, built once per model: the tensors are updated in place, never replaced)."""
+    state = _STATES.get(model)
+    if state is None:
+        state = _STATES[model] = model.state_dict(keep_vars=True)
+    return state
+
+
 def to_device(model: nn.Module, device: torch.device) -> None:
     """``model.to(device)`` unless it is already there (``to`` walks every module)."""
     p = next(model.parameters(), None)
     if p is not None and p.device != device:
         model.to(device)
+        _STATES.pop(model, None)  # ``to`` replaces buffer tensors
 
 
 def load_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     """Copy numpy arrays into the model's tensors in place (read-only inputs are fine)."""
-    state = model.state_dict(keep_vars=True)
+    state = _state(model)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the object store
         for k, v in params.items():
@@ -53,7 +67,7 @@ def load_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
 
 def get_params(model: nn.Module, keys=None) -> dict[str, np.ndarray]:
     """Detached numpy copies of the state dict (optionally only ``keys``)."""
-    state = model.state_dict()
+    state = _state(model)
     keys = state.keys() if keys is None else keys
     return {k: state[k].detach().cpu().numpy().copy() for k in keys}
 

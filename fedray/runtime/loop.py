@@ -184,6 +184,9 @@ class Runner:
         self.battery_t = np.zeros(n)
         self.busy = np.zeros(n, dtype=bool)
         self.slow = np.array([costs.is_slow(p) for p in s.profiles])
+        # mains-powered, always online, no trace: nothing to check per round
+        self.always_on = np.array([p.trace is None and not p.windows and p.availability >= 1.0
+                                   and math.isinf(p.battery_j) for p in s.profiles], dtype=bool)
         self.recorder = Recorder(self.run_dir, tensorboard=cfg.runtime.tensorboard)
         C.dump(cfg, self.run_dir / "config.yaml")
 
@@ -197,15 +200,14 @@ class Runner:
 
     def available(self, t: float) -> np.ndarray:
         """Clients that are idle, online and charged at virtual time ``t``."""
-        out = []
+        idle = np.flatnonzero(~self.busy)
         low = self.cfg.devices.low_battery
-        for c, p in enumerate(self.setup.profiles):
-            if self.busy[c]:
-                continue
+        out = []
+        for c in idle[~self.always_on[idle]]:  # the others are available whenever idle
             self._charge(c, t)
-            if costs.available(p, t, self.battery[c], seed=self.cfg.seed, low=low):
+            if costs.available(self.setup.profiles[c], t, self.battery[c], seed=self.cfg.seed, low=low):
                 out.append(c)
-        return np.array(out, dtype=np.int64)
+        return np.union1d(idle[self.always_on[idle]], np.array(out, dtype=np.int64)).astype(np.int64)
 
     # ------------------------------------------------------------ dispatch
     def _predict(self, a) -> dict:
