@@ -15,7 +15,6 @@ the simulated communication; only synchronous schedules run in real mode.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
 import math
@@ -176,7 +175,7 @@ class Runner:
         self.version = 0
         self.next_dispatch = 0
         self.like = s.params  # shapes and dtypes of the global model
-        self._dense_bytes = None
+        self._dense_bytes, self._flops_cache = None, {}
         self.cost_model = costs.CostModel(shared_server_bps=cfg.devices.shared_server_bps,
                                           noise_sigma=cfg.devices.noise_sigma)
         n = cfg.data.num_clients
@@ -233,9 +232,11 @@ class Runner:
         down = self._nbytes(a.download_mask) if a.bytes_down is None else a.bytes_down
         return {"train_flops": int(flops), "bytes_down": down, "bytes_up": up}
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 (one Runner per run)
     def _flops_per_example(self, trained: frozenset) -> int:
-        return self.setup.spec.train_flops(trained, 1)
+        """Training FLOPs per example with ``trained`` layers (cached: a few layer sets per run)."""
+        if trained not in self._flops_cache:
+            self._flops_cache[trained] = self.setup.spec.train_flops(trained, 1)
+        return self._flops_cache[trained]
 
     def _nbytes(self, mask) -> int:
         """Payload bytes of the model under ``mask`` (the dense size computed once)."""
