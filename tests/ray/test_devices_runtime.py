@@ -50,12 +50,13 @@ def test_real_throttling_slows_a_quarter_speed_device_about_4x(ray_session, tmp_
     actor = ClientActor.remote(cfg, ds.input_shape, ds.num_classes)
     params = ray.put(s.params)
     ray.get(train_call(actor, params, [Task(100, 0, Assignment(0))], shared))  # warm-up
-    tasks = [Task(i, 0, Assignment(0), speed=1.0 if i % 2 == 0 else 0.25) for i in range(8)]
+    tasks = [Task(i, 0, Assignment(0), speed=1.0 if i % 2 == 0 else 0.25) for i in range(10)]
     out = ray.get(train_call(actor, params, tasks, shared)[0])
-    fast = sum(h.wall_s for h in out[0::2])
-    slow = sum(h.wall_s for h in out[1::2])
     assert all(h.error is None for h in out)
-    assert 3.0 <= slow / fast <= 5.0, (slow, fast)
+    # median over adjacent (1x, 0.25x) pairs: one pair disturbed by another tenant of a shared
+    # machine does not decide the result
+    ratios = sorted(slow.wall_s / fast.wall_s for fast, slow in zip(out[0::2], out[1::2]))
+    assert 3.0 <= ratios[len(ratios) // 2] <= 5.0, ratios
 
 
 def test_real_mode_run_reports_measured_seconds(ray_session, tmp_path):
