@@ -259,6 +259,8 @@ def dropout_point(profile: DeviceProfile, *, seed: int, round_key: int) -> float
     ``default_rng([seed, PURPOSE_DROPOUT, client_id, round_key])``."""
     seed = _check_key("seed", seed)
     round_key = _check_key("round_key", round_key)
+    if profile.dropout_prob <= 0:  # the draw could not drop: skip building its generator
+        return None
     u = np.random.default_rng([seed, PURPOSE_DROPOUT, profile.client_id, round_key]).random(2)
     return float(u[1]) if u[0] < profile.dropout_prob else None
 
