@@ -1,8 +1,10 @@
 """Aggregator: owns the global model, its version and the update buffer.
 
 :class:`AggregatorCore` is plain Python (unit-testable, checkpointable);
-:class:`AggregatorActor` is the thin Ray shell that publishes each model
-version with exactly one ``ray.put`` and hands out the reference.
+:class:`AggregatorActor` is the thin Ray shell: it publishes each model version
+with exactly one ``ray.put`` and hands out the reference (a model below Ray's inline
+size travels by value inside each call instead), and it dispatches synchronous
+rounds to the client actors itself.
 """
 from __future__ import annotations
 
