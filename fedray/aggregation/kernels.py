@@ -235,10 +235,7 @@ def _item(wi, work, tens, pcs, weights, like, mode, scale, tile):
             cur[e - p0] = np.searchsorted(numba.carray(_voidptr(pcs[e, _IDX]), pcs[e, _NIDX], np.int64), lo * tile)
         elif pcs[e, _K] == 5:  # values before the first tile: popcount of the bytes before it
             bits = numba.carray(_voidptr(pcs[e, _IDX]), pcs[e, _NIDX], np.uint8)
-            c = 0
-            for b in range(min(bits.shape[0], (lo * tile) >> 3)):
-                c += _popcount8(bits[b])
-            cur[e - p0] = c
+            cur[e - p0] = _popcount(bits[:(lo * tile) >> 3])
     itemsize = like.itemsize
     aw0 = acc_w.ctypes.data
     am0 = acc_m.ctypes.data
@@ -613,28 +610,13 @@ def strictly_increasing(ix: np.ndarray, lo: int, hi: int) -> bool:
 # --------------------------------------------------------------------- reference
 def _coverage(p, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Full-shape float64 values and bool mask of one piece (reference only)."""
-    if p.kind == "bitmask":
-        v, m = decode_entry(p, shape)
-        return v.astype(np.float64), m
-    vals = np.zeros(shape, np.float64)
-    m = np.zeros(shape, bool)
-    v = np.asarray(p.values)
-    if p.kind == "dense":
-        vals[...] = v.reshape(shape)
-        m[...] = True
-    elif p.kind == "sparse":
-        vals.reshape(-1)[p.index[0]] = v
-        m.reshape(-1)[p.index[0]] = True
-    elif p.kind == "slices":
-        ix = np.ix_(*p.index)
-        vals[ix] = v
-        m[ix] = True
-    elif p.kind == "masked":
-        m[...] = np.asarray(p.index[0]).reshape(shape)
-        vals[m] = v.reshape(shape)[m]
-    else:
-        raise ValueError(f"unknown piece kind {p.kind!r}")
-    return vals, m
+    if p.kind == "masked":
+        m = np.asarray(p.index[0]).reshape(shape)
+        vals = np.zeros(shape, np.float64)
+        vals[m] = np.asarray(p.values).reshape(shape)[m]
+        return vals, m
+    v, m = decode_entry(p, shape)  # dense / sparse / slices / bitmask: the wire decoder
+    return v.astype(np.float64), m
 
 
 def merge_reference(old: np.ndarray, pieces: Sequence, weights: Sequence[float], mode: int = MEAN, *,

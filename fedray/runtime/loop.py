@@ -175,7 +175,7 @@ class Runner:
         self.version = 0
         self.next_dispatch = 0
         self.like = s.params  # shapes and dtypes of the global model
-        self._dense_bytes, self._flops_cache = None, {}
+        self._dense_bytes, self._flops_cache = payload_nbytes(self.like), {}
         self.cost_model = costs.CostModel(shared_server_bps=cfg.devices.shared_server_bps,
                                           noise_sigma=cfg.devices.noise_sigma)
         n = cfg.data.num_clients
@@ -240,11 +240,7 @@ class Runner:
 
     def _nbytes(self, mask) -> int:
         """Payload bytes of the model under ``mask`` (the dense size computed once)."""
-        if mask is None:
-            if self._dense_bytes is None:
-                self._dense_bytes = payload_nbytes(self.like)
-            return self._dense_bytes
-        return payload_nbytes(self.like, mask)
+        return self._dense_bytes if mask is None else payload_nbytes(self.like, mask)
 
     def _density_factor(self, mask) -> float:
         """FLOPs a sparse kernel would execute, relative to the dense ones: every layer's FLOPs

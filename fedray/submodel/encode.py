@@ -8,8 +8,9 @@ A :class:`Payload` carries only what a client trained, tensor by tensor:
 - ``sparse``: flat int32 (or int64) indices plus values (very sparse unstructured masks);
 - ``bitmask``: the flattened mask packed 8 coordinates a byte, coordinate ``i`` in bit
   ``i % 8`` of byte ``i // 8`` (``np.packbits(..., bitorder="little")``: a 16-bit
-  little-endian load is the lane mask of 16 coordinates) plus the covered values in C order (unstructured masks above ~3% density, where a bit per
-  coordinate is cheaper than a 4-byte index per covered one).
+  little-endian load is the lane mask of 16 coordinates) plus the covered values in C
+  order (unstructured masks above ~3% density, where a bit per coordinate is cheaper
+  than a 4-byte index per covered one).
 
 ``encode`` picks the smallest correct form for each tensor; ``decode`` returns
 full-shape values and the one :mod:`fedray.submodel.masks` mask type.
