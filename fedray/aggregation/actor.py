@@ -9,6 +9,7 @@ rounds to the client actors itself.
 from __future__ import annotations
 
 import collections
+import time
 from typing import Mapping
 
 import numpy as np
@@ -118,8 +119,12 @@ class AggregatorCore:
             if published is not None:
                 out["method_state"] = published
         if aggregated and evaluate and self.evaluator is not None:
-            out["accuracy"], out["loss"] = self.evaluator(self.params)
+            out["accuracy"], out["loss"] = self.evaluate()
         return out
+
+    def evaluate(self) -> tuple[float, float]:
+        """Test accuracy and loss of the current model."""
+        return self.evaluator(self.params)
 
     def public_state(self):
         """What the method publishes to its driver-side instance (None: nothing new)."""
@@ -158,7 +163,7 @@ class AggregatorActor:
         self.puts = 0
         self._ref = None
         self._ref_version = -1
-        self.actors, self.shared = [], []
+        self.actors = []
         self.inline = sum(v.nbytes for v in params.values()) < INLINE_BYTES
         self.inlined, self._inline_version = 0, -1  # versions sent by value (small models)
 
@@ -176,6 +181,7 @@ class AggregatorActor:
         are fetched here (zero-copy); an update whose actor or node was lost is skipped (the
         driver records it as a drop)."""
         out = self._receive(calls, items, force=force, evaluate=evaluate)
+        out["done_at"] = time.time()
         out["model_ref"] = self.model_ref() if out["aggregated"] else None
         return out
 
@@ -196,18 +202,36 @@ class AggregatorActor:
         triples = [(lists[c][0][i], lists[c][1 + i], e) for c, i, e in items if not isinstance(lists[c], Exception)]
         return self.core.receive(triples, **kwargs)
 
-    def attach(self, actors: list, shared: list) -> None:
-        """The client actors and the data references, for the rounds this actor dispatches."""
-        self.actors, self.shared = actors, shared
+    def attach(self, actors: list) -> None:
+        """The client actors, for the rounds this actor dispatches."""
+        self.actors = actors
 
-    def round(self, dispatch: list, items: list, evaluate: bool) -> dict:
-        """One synchronous round, dispatched from here: ``dispatch`` = [(actor index, tasks)],
-        one training call per client actor with the current version; ``items`` = [(call index,
-        slot, expected keys)] in admission order. The results come straight back to this actor,
-        so the driver is off the round's path (two actor hops a round instead of four). The
-        round always ends in a new version (``close``), evaluated here when ``evaluate``.
-        Returns the aggregation info plus ``headers``: per call, its list of update headers or
-        the exception that lost it (actor or node gone after Ray's retries)."""
+    def rounds(self, plans: list) -> list[dict]:
+        """Synchronous rounds back to back, dispatched from here: ``plans`` = [(dispatch, items,
+        evaluate)] with ``dispatch`` = [(actor index, tasks)], one training call per client actor,
+        and ``items`` = [(call index, slot, expected keys)] in admission order. The results come
+        straight back to this actor, so the driver is off the rounds' path. Each round's
+        training starts as soon as the previous round's model exists, and that model is
+        evaluated while the clients train. Every round ends in a new version (``close``).
+        Returns per round the aggregation info, ``done_at`` (``time.time()`` when its result was
+        complete) and ``headers``: per call, its list of update
+        headers or the exception that lost it (actor or node gone after Ray's retries)."""
+        outs = []
+        calls = self._dispatch(plans[0][0])
+        for k, (_, items, evaluate) in enumerate(plans):
+            lists = self._fetch(calls)
+            out = self._admit_lists(lists, items, force=True, evaluate=False, close=True)
+            out["headers"] = [x if isinstance(x, Exception) else x[0] for x in lists]
+            if k + 1 < len(plans):
+                calls = self._dispatch(plans[k + 1][0])
+            if evaluate:
+                out["accuracy"], out["loss"] = self.core.evaluate()
+            out["done_at"] = time.time()
+            outs.append(out)
+        return outs
+
+    def _dispatch(self, dispatch: list) -> list:
+        """One training call per ``(actor index, tasks)`` with the current version."""
         if self.inline:  # by value: Ray copies it into each call, no object-store round trip
             ref = self.core.params
             if self._inline_version != self.core.version:
@@ -215,10 +239,7 @@ class AggregatorActor:
                 self.inlined += 1
         else:
             ref = self.model_ref()[0]
-        lists = self._fetch([train_call(self.actors[i], ref, tasks, self.shared) for i, tasks in dispatch])
-        out = self._admit_lists(lists, items, force=True, evaluate=evaluate, close=True)
-        out["headers"] = [x if isinstance(x, Exception) else x[0] for x in lists]
-        return out
+        return [train_call(self.actors[i], ref, tasks) for i, tasks in dispatch]
 
     def params(self) -> dict:
         return self.core.params

@@ -82,6 +82,9 @@ __all__ = ["MEAN", "DELTA", "MIX", "TILE", "DTYPES", "Piece", "merge", "merge_ma
 
 MEAN, DELTA, MIX = 0, 1, 2
 TILE = 16384
+PARALLEL_MIN = 1 << 20
+"""Coordinates below which a merge runs on one thread: waking the thread pool costs more than
+it saves, and its idle workers spin on the cores the client actors train on."""
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _DENSE, _SPARSE32, _SPARSE64, _SLICES, _MASKED, _BITMASK = 0, 1, 2, 3, 4, 5
@@ -482,9 +485,10 @@ def merge_many(olds: Sequence[np.ndarray], pieces: Sequence[Sequence], weights: 
     """:func:`merge` for several tensors of one dtype in one kernel call.
 
     ``pieces[t]`` / ``weights[t]`` belong to ``olds[t]``. With ``parallel``
-    (default: when ``numba.get_num_threads() > 1``) the tiles of all tensors
-    are cut into about four contiguous work items per thread and run with
-    ``prange``; each coordinate's sum is the same whatever the cut.
+    (default: when ``numba.get_num_threads() > 1`` and the tensors hold at least
+    :data:`PARALLEL_MIN` coordinates) the tiles of all tensors are cut into about four
+    contiguous work items per thread and run with ``prange``; each coordinate's sum is
+    the same whatever the cut.
     """
     olds = [np.asarray(o) for o in olds]
     names = [f"tensor {i}" for i in range(len(olds))] if names is None else list(names)
@@ -525,7 +529,7 @@ def merge_many(olds: Sequence[np.ndarray], pieces: Sequence[Sequence], weights: 
     threads = numba.get_num_threads()
     total = sum(spans)
     if parallel is None:
-        parallel = threads > 1 and total > 1
+        parallel = threads > 1 and total > 1 and sum(o.size for o in olds) >= PARALLEL_MIN
     per_item = max(1, -(-total // (4 * threads))) if parallel else max(spans)
     work = [[t, lo, min(lo + per_item, nt)] for t, nt in enumerate(spans) for lo in range(0, nt, per_item)]
     args = (np.array(work, np.int64), np.array(tens, np.int64), np.array(rows, np.int64),
@@ -543,7 +547,8 @@ def merge(old: np.ndarray, pieces: Sequence, weights: Sequence[float], mode: int
     (ignored otherwise); ``tile`` (default :data:`TILE`, read at call time)
     is rounded up to a power of two.
     ``parallel=None`` runs on ``numba.get_num_threads()`` threads when there
-    are at least two tiles; ``True`` / ``False`` force it. ``name`` only
+    are at least two tiles and :data:`PARALLEL_MIN` coordinates; ``True`` / ``False``
+    force it. ``name`` only
     labels errors. ``old``'s dtype must be in :data:`DTYPES`.
     """
     old = np.asarray(old)

@@ -154,12 +154,12 @@ class Runner:
         if cfg.devices.mode == "real" and self.method.schedule != "sync":
             raise ConfigError("devices.mode", f"'real' throttling runs synchronous methods; {cfg.method.name} is {self.method.schedule}")
         # one put of the data set for the whole run; actors read it zero-copy. The driver keeps the
-        # references so a restarted actor can read them again.
+        # references, so a restarted actor reads them again.
         self.shared = [ray.put({"x": ds.x_train, "y": ds.y_train}), ray.put(s.partitions)]
         test_ref = ray.put({"x": ds.x_test, "y": ds.y_test})
         self.pools, self.placement_group = cluster.create_client_actors(
             cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(
-                cfg, ds.input_shape, ds.num_classes))
+                cfg, self.shared, ds.input_shape, ds.num_classes))
         self.actors, self.actor_index = [], {}
         for pool, actors in self.pools.items():
             for i, a in enumerate(actors):
@@ -167,7 +167,7 @@ class Runner:
                 self.actors.append(a)
         self.aggregator = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
             cfg, s.params, test_ref, ds.input_shape, ds.num_classes, s.spec)
-        self.aggregator.attach.remote(self.actors, self.shared)  # it dispatches synchronous rounds
+        self.aggregator.attach.remote(self.actors)  # it dispatches synchronous rounds
         self.model_ref = ray.get(self.aggregator.model_ref.remote())[0]
         published = ray.get(self.aggregator.public_state.remote())
         if published is not None:
@@ -319,7 +319,7 @@ class Runner:
     def _send(self, recs: list[Inflight]) -> None:
         """Dispatch from the driver (asynchronous schedules): the aggregator fetches the results."""
         for i, group in self._groups(recs):
-            refs = train_call(self.actors[i], self.model_ref, [r.task for r in group], self.shared)
+            refs = train_call(self.actors[i], self.model_ref, [r.task for r in group])
             for r in group:
                 r.call_refs = refs
 
@@ -393,8 +393,9 @@ class Runner:
         if res is not None and res["aggregated"] and res.get("method_state") is not None:
             self.method.sync_from_server(res["method_state"])
         rows.sort(key=lambda x: (x["virtual_s"], x["dispatch_id"]))
+        wall = self._wall(res)
         for row in rows:
-            self._account(row)
+            self._account(row, wall)
 
     @staticmethod
     def _headers(recs: list[Inflight]) -> dict:
@@ -407,9 +408,14 @@ class Runner:
         m = task.assignment.mask
         return list(self.like) if m is None else [k for k, v in m.items() if v.any()]
 
-    def _account(self, row: dict) -> None:
+    def _wall(self, res: dict | None = None) -> float:
+        """Wall seconds since the first dispatch: when the aggregator finished ``res`` (it stamps
+        its results; rounds are read in windows), else now."""
+        return (res["done_at"] if res is not None and "done_at" in res else time.time()) - self.t0
+
+    def _account(self, row: dict, wall: float) -> None:
         tot = self.totals
-        row["wall_s"] = time.perf_counter() - self.t0
+        row["wall_s"] = wall
         self.recorder.event(**row)
         tot.bytes_down += row["bytes_down"]
         tot.bytes_up += row["bytes_up"]
@@ -427,16 +433,29 @@ class Runner:
         return min(60.0, self.cfg.devices.availability_cycle_s / 10)
 
     def _sync(self, on_aggregate) -> None:
-        """Synchronous rounds, each one call of the aggregator, which dispatches the round's
-        training to the client actors, aggregates and ends in a new version
-        (``AggregatorActor.round``). For methods whose planning needs no feedback from
-        finished rounds, the loop is pipelined: round r+1 is queued at the aggregator before
-        round r's results are read, so the aggregator goes from round to round without waiting
-        for the driver."""
+        """Synchronous rounds, dispatched to the client actors by the aggregator, which
+        aggregates and ends each round in a new version (``AggregatorActor.rounds``). For
+        methods whose planning needs no feedback from finished rounds the loop plans
+        ``cluster.rounds_per_call`` rounds ahead and hands them over in one call, and queues the
+        next call before reading the last one's results, so the aggregator goes from round to
+        round without waiting for the driver."""
         cfg = self.cfg
         pipelined = not self.method.feedback and cfg.devices.mode == "simulated"
+        window = cfg.cluster.rounds_per_call if pipelined else 1
         t, r = 0.0, 0
-        waiting = None  # (recs, info_ref, round) of the round whose results are not read yet
+        planned: list = []  # [(recs, plan, round)] not sent yet
+        waiting = None  # (planned, ref) of the call whose results are not read yet
+
+        def send():
+            nonlocal planned, waiting
+            ref = self.aggregator.rounds.remote([plan for _, plan, _ in planned])
+            if waiting is not None:
+                self._close(*waiting, on_aggregate)
+            waiting, planned = (planned, ref), []
+            if not pipelined:
+                self._close(*waiting, on_aggregate)
+                waiting = None
+
         while self.version < cfg.server.rounds and not self._out_of_time(t) and not self.method.finished():
             cand = self.available(t)
             if len(cand) == 0:
@@ -446,25 +465,23 @@ class Runner:
             recs = sorted(self._launch(sel, t, r, deadline_rule=self.method.deadline))
             dispatch = [(i, [x.task for x in group]) for i, group in self._groups(recs)]
             items = [(x.call, x.slot, self._expected(x.task)) for x in recs if x.outcome == "update"]
-            info_ref = self.aggregator.round.remote(dispatch, items, self._eval_due())
+            planned.append((recs, (dispatch, items, self._eval_due()), r))
             self.version += 1
             for x in recs:  # every client of a synchronous round is done when the round ends
                 self.busy[x.task.assignment.client_id] = False
-            if waiting is not None:
-                self._close(*waiting, on_aggregate)
-            waiting = (recs, info_ref, r)
-            if not pipelined:
-                self._close(*waiting, on_aggregate)
-                waiting = None
             t = max(x.t_end for x in recs)  # the round lasts as long as its slowest client (or the deadline)
             r += 1
+            if len(planned) == window:
+                send()
+        if planned:
+            send()
         if waiting is not None:
             self._close(*waiting, on_aggregate)
 
-    def _close(self, recs, info_ref, r, on_aggregate) -> None:
-        res = ray.get(info_ref)
-        self._record(recs, res)
-        on_aggregate(res, max(x.t_end for x in recs), r)
+    def _close(self, planned: list, ref, on_aggregate) -> None:
+        for (recs, _, r), res in zip(planned, ray.get(ref)):
+            self._record(recs, res)
+            on_aggregate(res, max(x.t_end for x in recs), r)
 
     def _async(self, on_aggregate) -> None:
         cfg = self.cfg
@@ -530,9 +547,9 @@ class Runner:
     # ------------------------------------------------------------ main
     def run(self) -> dict:
         cfg = self.cfg
-        t_setup = time.perf_counter()
+        t_setup = time.time()
         self._start()
-        self.t0 = time.perf_counter()
+        self.t0 = time.time()
         setup_s = self.t0 - t_setup
         tot = self.totals
         bar = None
@@ -545,7 +562,7 @@ class Runner:
         target = cfg.server.target_accuracy
 
         def on_aggregate(res, t, rnd):
-            wall = time.perf_counter() - self.t0
+            wall = self._wall(res)
             v = res["version"]  # the version this result closed (a pipelined loop is already past it)
             state["t"] = t
             self.recorder.event(event="aggregate", round=rnd, version=v, virtual_s=t, wall_s=wall,
@@ -585,7 +602,7 @@ class Runner:
         finally:
             if bar is not None:
                 bar.close()
-        wall = time.perf_counter() - self.t0
+        wall = time.time() - self.t0
         np.savez(self.run_dir / "model.npz", **{k: params[k] for k in sorted(params)})
         table = self.recorder.table()
         derived = definitions.summarize(table, slow_total=int(self.slow.sum()), target=target)

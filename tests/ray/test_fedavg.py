@@ -64,12 +64,13 @@ def _table(summary):
 
 
 @pytest.mark.parametrize("hetero", [False, True], ids=["homogeneous", "heterogeneous"])
-def test_deterministic_whatever_the_actor_count(ray_session, tmp_path, hetero):
+def test_deterministic_whatever_the_actor_count_and_window(ray_session, tmp_path, hetero):
     over = {"devices.tiers": "clamp", "devices.link": "lognormal", "devices.load_sigma": 0.3,
             "devices.noise_sigma": 0.2, "devices.dropout_prob": 0.1} if hetero else {}
-    out = []
-    for actors in (1, 2, 4):
-        cfg = small(tmp_path / str(actors), **{"cluster.num_client_actors": actors, **over})
+    out = []  # and whatever the number of rounds the aggregator runs per call (6 rounds: 1x6, 6, 4+2)
+    for actors, window in ((1, 1), (2, 8), (4, 4)):
+        cfg = small(tmp_path / str(actors), **{"cluster.num_client_actors": actors,
+                                               "cluster.rounds_per_call": window, **over})
         out.append(run(cfg))
     ref = _table(out[0])
     for s in out[1:]:
