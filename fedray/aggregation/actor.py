@@ -163,7 +163,7 @@ class AggregatorActor:
         self.puts = 0
         self._ref = None
         self._ref_version = -1
-        self.actors = []
+        self.actors, self.shared = [], []
         self.inline = sum(v.nbytes for v in params.values()) < INLINE_BYTES
         self.inlined, self._inline_version = 0, -1  # versions sent by value (small models)
 
@@ -202,9 +202,9 @@ class AggregatorActor:
         triples = [(lists[c][0][i], lists[c][1 + i], e) for c, i, e in items if not isinstance(lists[c], Exception)]
         return self.core.receive(triples, **kwargs)
 
-    def attach(self, actors: list) -> None:
-        """The client actors, for the rounds this actor dispatches."""
-        self.actors = actors
+    def attach(self, actors: list, shared: list) -> None:
+        """The client actors and the data references, for the rounds this actor dispatches."""
+        self.actors, self.shared = actors, shared
 
     def rounds(self, plans: list) -> list[dict]:
         """Synchronous rounds back to back, dispatched from here: ``plans`` = [(dispatch, items,
@@ -239,7 +239,7 @@ class AggregatorActor:
                 self.inlined += 1
         else:
             ref = self.model_ref()[0]
-        return [train_call(self.actors[i], ref, tasks) for i, tasks in dispatch]
+        return [train_call(self.actors[i], ref, tasks, self.shared) for i, tasks in dispatch]
 
     def params(self) -> dict:
         return self.core.params

@@ -152,16 +152,20 @@ class ClientActor:
     """Ray shell: ``train_many`` returns ``1 + len(tasks)`` objects, the list of update
     headers and each update's payload (a small payload travels inside the call's reply, a
     large one through the object store). Call through :func:`train_call`.
-
-    ``shared`` = [data ref, partitions ref]: the actor reads them zero-copy from the object
-    store; the driver owns them, so a restarted actor (crash, lost node) reads them again.
     """
 
-    def __init__(self, cfg, shared: list, input_shape, num_classes):
-        data, partitions = ray.get(shared)
-        self.worker = ClientWorker(cfg, data, partitions, input_shape, num_classes)
+    def __init__(self, cfg, input_shape, num_classes):
+        self.args = cfg, input_shape, num_classes
+        self.worker = None
 
-    def train_many(self, params: dict, tasks: list[Task]):
+    def train_many(self, params: dict, tasks: list[Task], shared: list):
+        """``shared`` = [data ref, partitions ref], read once (zero-copy) on the first call; every call
+        brings them so a restarted actor (crash, lost node) finds them again (references in the
+        constructor's arguments would do that too, but Ray warns against them on every start)."""
+        if self.worker is None:
+            data, partitions = ray.get(shared)
+            cfg, input_shape, num_classes = self.args
+            self.worker = ClientWorker(cfg, data, partitions, input_shape, num_classes)
         updates = self.worker.run(params, tasks)
         return ([u.header() for u in updates], *[u.payload for u in updates])
 
@@ -173,6 +177,6 @@ class ClientActor:
         return ray.get_runtime_context().get_node_id()
 
 
-def train_call(actor, params, tasks: list[Task]) -> list:
+def train_call(actor, params, tasks: list[Task], shared: list) -> list:
     """Submit one ``train_many`` call (``tasks`` non-empty): ``[headers ref, payload refs...]``."""
-    return actor.train_many.options(num_returns=len(tasks) + 1).remote(params, tasks)
+    return actor.train_many.options(num_returns=len(tasks) + 1).remote(params, tasks, shared)

@@ -159,7 +159,7 @@ class Runner:
         test_ref = ray.put({"x": ds.x_test, "y": ds.y_test})
         self.pools, self.placement_group = cluster.create_client_actors(
             cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(
-                cfg, self.shared, ds.input_shape, ds.num_classes))
+                cfg, ds.input_shape, ds.num_classes))
         self.actors, self.actor_index = [], {}
         for pool, actors in self.pools.items():
             for i, a in enumerate(actors):
@@ -167,7 +167,7 @@ class Runner:
                 self.actors.append(a)
         self.aggregator = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
             cfg, s.params, test_ref, ds.input_shape, ds.num_classes, s.spec)
-        self.aggregator.attach.remote(self.actors)  # it dispatches synchronous rounds
+        self.aggregator.attach.remote(self.actors, self.shared)  # it dispatches synchronous rounds
         self.model_ref = ray.get(self.aggregator.model_ref.remote())[0]
         published = ray.get(self.aggregator.public_state.remote())
         if published is not None:
@@ -319,7 +319,7 @@ class Runner:
     def _send(self, recs: list[Inflight]) -> None:
         """Dispatch from the driver (asynchronous schedules): the aggregator fetches the results."""
         for i, group in self._groups(recs):
-            refs = train_call(self.actors[i], self.model_ref, [r.task for r in group])
+            refs = train_call(self.actors[i], self.model_ref, [r.task for r in group], self.shared)
             for r in group:
                 r.call_refs = refs
 
@@ -332,7 +332,7 @@ class Runner:
                "t_start": r.t_start, "virtual_s": r.t_end, "round_s": r.t_end - r.t_start,
                "compute_s": r.cost.compute_s, "comm_s": r.cost.download_s + r.cost.upload_s,
                "bytes_down": r.cost.bytes_down, "bytes_up": r.cost.bytes_up if event != "drop" else 0,
-               "train_flops": r.flops, "energy_j": r.energy_j, "window": self.version,
+               "train_flops": r.flops, "energy_j": r.energy_j,
                "sparse_train_flops": int(r.flops * self._density_factor(a.mask))}
         row.update(dict(a.info))
         row.update(extra)
@@ -362,8 +362,11 @@ class Runner:
             self.model_ref = res["model_ref"][0]
         return res
 
-    def _record(self, recs: list[Inflight], res: dict | None) -> None:
-        """Read the headers of ``recs``, feed the method its telemetry, write every event row."""
+    def _record(self, recs: list[Inflight], res: dict | None, window: int | None = None) -> None:
+        """Read the headers of ``recs``, feed the method its telemetry, write every event row.
+        ``window``: the server's version when they arrived (default: the current one; a
+        synchronous round's is the version it trained on, the loop being rounds ahead)."""
+        window = self.version if window is None else window
         ups = [r for r in recs if r.outcome == "update"]
         if res is not None and "headers" in res:  # a round the aggregator dispatched brings them
             calls = res["headers"]
@@ -377,17 +380,17 @@ class Runner:
         for r in recs:
             self.busy[r.task.assignment.client_id] = False
             if r.outcome != "update":
-                rows.append(self._row(r, r.outcome))
+                rows.append(self._row(r, r.outcome, window=window))
                 continue
             h = headers[r.dispatch_id]
             if isinstance(h, Exception):  # the actor or its node is gone (after Ray's retries)
-                rows.append(self._row(r, "drop", reason=type(h).__name__))
+                rows.append(self._row(r, "drop", window=window, reason=type(h).__name__))
                 continue
             if self.cfg.devices.mode == "real":
                 r.t_end = r.t_start + h.wall_s + r.cost.download_s + r.cost.upload_s + 2 * r.cost.latency_s
             self.method.observe(h)
             reason = reasons.get(r.dispatch_id)
-            rows.append(self._row(r, "reject" if reason else "update", reason=reason,
+            rows.append(self._row(r, "reject" if reason else "update", window=window, reason=reason,
                                   staleness=staleness.get(r.dispatch_id), examples=h.num_examples,
                                   train_loss=h.train_loss, bytes_up=h.bytes_up, client_wall_s=h.wall_s))
         if res is not None and res["aggregated"] and res.get("method_state") is not None:
@@ -480,7 +483,7 @@ class Runner:
 
     def _close(self, planned: list, ref, on_aggregate) -> None:
         for (recs, _, r), res in zip(planned, ray.get(ref)):
-            self._record(recs, res)
+            self._record(recs, res, window=recs[0].task.version)
             on_aggregate(res, max(x.t_end for x in recs), r)
 
     def _async(self, on_aggregate) -> None:

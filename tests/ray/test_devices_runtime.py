@@ -46,12 +46,12 @@ def test_real_throttling_slows_a_quarter_speed_device_about_4x(ray_session, tmp_
                      "devices": {"mode": "real"}, "train": {"local_steps": 60, "batch_size": 64}})
     s = prepare(cfg)
     ds = s.dataset
-    actor = ClientActor.remote(cfg, [ray.put({"x": ds.x_train, "y": ds.y_train}), ray.put(s.partitions)],
-                               ds.input_shape, ds.num_classes)
+    shared = [ray.put({"x": ds.x_train, "y": ds.y_train}), ray.put(s.partitions)]
+    actor = ClientActor.remote(cfg, ds.input_shape, ds.num_classes)
     params = ray.put(s.params)
-    ray.get(train_call(actor, params, [Task(100, 0, Assignment(0))]))  # warm-up
+    ray.get(train_call(actor, params, [Task(100, 0, Assignment(0))], shared))  # warm-up
     tasks = [Task(i, 0, Assignment(0), speed=1.0 if i % 2 == 0 else 0.25) for i in range(10)]
-    out = ray.get(train_call(actor, params, tasks)[0])
+    out = ray.get(train_call(actor, params, tasks, shared)[0])
     assert all(h.error is None for h in out)
     # median over adjacent (1x, 0.25x) pairs: one pair disturbed by another tenant of a shared
     # machine does not decide the result
