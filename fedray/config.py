@@ -112,8 +112,9 @@ class ClusterConfig:
     num_cpus: int | None = _f(None, check=POS, doc="CPUs of an embedded Ray (default: all)")
     max_restarts: int = _f(3, check=(lambda v: v >= -1, ">= -1"), doc="Ray restarts of a crashed client actor (-1: always)")
     max_task_retries: int = _f(2, check=(lambda v: v >= -1, ">= -1"), doc="retries of a training call lost with its actor")
-    rounds_per_call: int = _f(8, check=POS, doc="synchronous rounds planned ahead and run back to back by the "
-                              "aggregator in one call (methods without feedback; results identical for any value)")
+    rounds_per_call: int = _f(32, check=POS, doc="at most this many synchronous rounds planned ahead and run back "
+                              "to back by the aggregator in one call, sized to about 0.25 s of rounds (methods "
+                              "without feedback; results are identical for any value)")
 
 
 @dataclass(frozen=True)

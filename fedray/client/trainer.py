@@ -37,6 +37,8 @@ def seed_torch(seed: int, device: torch.device = torch.device("cpu")) -> None:
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_PARAMS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_OPTIMIZERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _state(model: nn.Module) -> dict:
@@ -48,12 +50,21 @@ def _state(model: nn.Module) -> dict:
     return state
 
 
+def _named(model: nn.Module) -> dict:
+    """``dict(model.named_parameters())``, built once per model."""
+    named = _PARAMS.get(model)
+    if named is None:
+        named = _PARAMS[model] = dict(model.named_parameters())
+    return named
+
+
 def to_device(model: nn.Module, device: torch.device) -> None:
     """``model.to(device)`` unless it is already there (``to`` walks every module)."""
     p = next(model.parameters(), None)
     if p is not None and p.device != device:
         model.to(device)
-        _STATES.pop(model, None)  # ``to`` replaces buffer tensors
+        for cache in (_STATES, _PARAMS, _OPTIMIZERS):  # ``to`` replaces buffer tensors
+            cache.pop(model, None)
 
 
 def load_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
@@ -84,6 +95,20 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _optimizer(model: nn.Module, names: tuple[str, ...], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh-state optimizer over ``names`` of ``model``: one instance per (parameters,
+    settings) is kept and its state cleared, which is what a new one would start from
+    (momentum buffers and Adam moments are created at the first step)."""
+    cache = _OPTIMIZERS.setdefault(model, {})
+    key = (names, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt = cache.get(key)
+    if opt is None:
+        named = _named(model)
+        opt = cache[key] = make_optimizer([named[k] for k in names], cfg)
+    opt.state.clear()
+    return opt
 
 
 def batches(indices: np.ndarray, batch_size: int, epochs: int | None, steps: int | None, rng: np.random.Generator):
@@ -137,22 +162,23 @@ def local_train(
     """
     load_params(model, params)
     to_device(model, device)
-    model.train()
+    if not model.training:  # ``train`` walks every module; only ``evaluate`` switches it off
+        model.train()
     seed_torch(seed, device)
     rng = np.random.default_rng(seed)
-    named = dict(model.named_parameters())
-    train_names = [k for k in named if trainable is None or k in trainable]
-    for k, p in named.items():
-        p.requires_grad_(k in train_names)
-    train_params = [named[k] for k in train_names]
+    named = _named(model)
+    train_names = tuple(k for k in named if trainable is None or k in trainable)
+    if trainable is not None:  # frozen parameters get no gradient (restored below)
+        for k, p in named.items():
+            p.requires_grad_(k in trainable)
     keep = {}
     if mask is not None:
         for k in train_names:
             if k in mask and not np.all(mask[k]):
                 m = torch.from_numpy(np.asarray(mask[k])).to(device)
                 keep[k] = (m, named[k].detach().clone() * (~m))
-    opt = make_optimizer(train_params, cfg)
-    loss_fn = nn.CrossEntropyLoss()
+    opt = _optimizer(model, train_names, cfg)
+    loss_fn = nn.functional.cross_entropy
     sq = {k: torch.zeros_like(named[k]) for k in train_names} if collect_sq_grads else None
     hooks = []
     if hidden_scale is not None and hidden_scale != 1.0:
@@ -197,8 +223,9 @@ def local_train(
                 best, epoch_loss, epoch_n = mean_loss, 0.0, 0
     for h in hooks:
         h.remove()
-    for p in named.values():
-        p.requires_grad_(True)
+    if trainable is not None:
+        for p in named.values():
+            p.requires_grad_(True)
     sq_np = {k: v.cpu().numpy() for k, v in sq.items()} if sq is not None else None
     return TrainStats(loss=total / max(seen, 1), steps=steps, examples=len(indices), sq_grads=sq_np)
 

@@ -67,6 +67,10 @@ def model_digest(params: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+CALL_S = 0.25
+"""Seconds of synchronous rounds per aggregator call: enough to make the per-call cost (a few
+milliseconds) negligible, short enough for timely progress and Tune reports."""
+
 SUMMARY_TAGS = ("final_accuracy", "best_accuracy", "sdir", "slow_coverage", "time_to_target_s", "train_flops",
                 "sparse_train_flops", "flops_per_accuracy_point", "bytes_up", "bytes_down", "energy_j", "virtual_s")
 
@@ -438,22 +442,25 @@ class Runner:
     def _sync(self, on_aggregate) -> None:
         """Synchronous rounds, dispatched to the client actors by the aggregator, which
         aggregates and ends each round in a new version (``AggregatorActor.rounds``). For
-        methods whose planning needs no feedback from finished rounds the loop plans
-        ``cluster.rounds_per_call`` rounds ahead and hands them over in one call, and queues the
-        next call before reading the last one's results, so the aggregator goes from round to
-        round without waiting for the driver."""
+        methods whose planning needs no feedback from finished rounds the loop plans rounds
+        ahead and hands them over in calls of about :data:`CALL_S` seconds of rounds (at most
+        ``cluster.rounds_per_call``), and queues the next call before reading the last one's
+        results, so the aggregator goes from round to round without waiting for the driver."""
         cfg = self.cfg
         pipelined = not self.method.feedback and cfg.devices.mode == "simulated"
-        window = cfg.cluster.rounds_per_call if pipelined else 1
+        window = min(2, cfg.cluster.rounds_per_call) if pipelined else 1
         t, r = 0.0, 0
         planned: list = []  # [(recs, plan, round)] not sent yet
         waiting = None  # (planned, ref) of the call whose results are not read yet
 
         def send():
-            nonlocal planned, waiting
+            nonlocal planned, waiting, window
             ref = self.aggregator.rounds.remote([plan for _, plan, _ in planned])
             if waiting is not None:
-                self._close(*waiting, on_aggregate)
+                done = self._close(*waiting, on_aggregate)
+                if len(done) > 1:  # size the next calls by the measured seconds per round
+                    per = max(done[-1] - done[0], 1e-6) / (len(done) - 1)
+                    window = max(1, min(cfg.cluster.rounds_per_call, int(CALL_S / per)))
             waiting, planned = (planned, ref), []
             if not pipelined:
                 self._close(*waiting, on_aggregate)
@@ -481,10 +488,13 @@ class Runner:
         if waiting is not None:
             self._close(*waiting, on_aggregate)
 
-    def _close(self, planned: list, ref, on_aggregate) -> None:
-        for (recs, _, r), res in zip(planned, ray.get(ref)):
+    def _close(self, planned: list, ref, on_aggregate) -> list[float]:
+        """Record a call's rounds; returns their completion stamps."""
+        results = ray.get(ref)
+        for (recs, _, r), res in zip(planned, results):
             self._record(recs, res, window=recs[0].task.version)
             on_aggregate(res, max(x.t_end for x in recs), r)
+        return [res["done_at"] for res in results]
 
     def _async(self, on_aggregate) -> None:
         cfg = self.cfg
