@@ -418,7 +418,8 @@ class Runner:
     def _wall(self, res: dict | None = None) -> float:
         """Wall seconds since the first dispatch: when the aggregator finished ``res`` (it stamps
         its results; rounds are read in windows), else now."""
-        return (res["done_at"] if res is not None and "done_at" in res else time.time()) - self.t0
+        now = res["done_at"] if res is not None and "done_at" in res else time.time()
+        return max(0.0, now - self.t0)  # another node's clock may be a little behind
 
     def _account(self, row: dict, wall: float) -> None:
         tot = self.totals
