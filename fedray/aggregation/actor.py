@@ -214,17 +214,17 @@ class AggregatorActor:
         training starts as soon as the previous round's model exists, and that model is
         evaluated while the clients train. Every round ends in a new version (``close``).
         Returns per round the aggregation info, ``done_at`` (``time.time()`` when its result was
-        complete) and ``headers``: per call, its list of update
-        headers or the exception that lost it (actor or node gone after Ray's retries)."""
+        complete) and ``headers``: per call, its list of update headers or the exception that
+        lost it (actor or node gone after Ray's retries)."""
         outs = []
         calls = self._dispatch(plans[0][0])
-        for k, (_, items, evaluate) in enumerate(plans):
+        for k, (_, items, due) in enumerate(plans):
             lists = self._fetch(calls)
             out = self._admit_lists(lists, items, force=True, evaluate=False, close=True)
             out["headers"] = [x if isinstance(x, Exception) else x[0] for x in lists]
             if k + 1 < len(plans):
                 calls = self._dispatch(plans[k + 1][0])
-            if evaluate:
+            if due:
                 out["accuracy"], out["loss"] = self.core.evaluate()
             out["done_at"] = time.time()
             outs.append(out)

@@ -449,19 +449,19 @@ class Runner:
         results, so the aggregator goes from round to round without waiting for the driver."""
         cfg = self.cfg
         pipelined = not self.method.feedback and cfg.devices.mode == "simulated"
-        window = min(2, cfg.cluster.rounds_per_call) if pipelined else 1
+        per_call = min(2, cfg.cluster.rounds_per_call) if pipelined else 1
         t, r = 0.0, 0
         planned: list = []  # [(recs, plan, round)] not sent yet
         waiting = None  # (planned, ref) of the call whose results are not read yet
 
         def send():
-            nonlocal planned, waiting, window
+            nonlocal planned, waiting, per_call
             ref = self.aggregator.rounds.remote([plan for _, plan, _ in planned])
             if waiting is not None:
                 done = self._close(*waiting, on_aggregate)
                 if len(done) > 1:  # size the next calls by the measured seconds per round
                     per = max(done[-1] - done[0], 1e-6) / (len(done) - 1)
-                    window = max(1, min(cfg.cluster.rounds_per_call, int(CALL_S / per)))
+                    per_call = max(1, min(cfg.cluster.rounds_per_call, int(CALL_S / per)))
             waiting, planned = (planned, ref), []
             if not pipelined:
                 self._close(*waiting, on_aggregate)
@@ -482,7 +482,7 @@ class Runner:
                 self.busy[x.task.assignment.client_id] = False
             t = max(x.t_end for x in recs)  # the round lasts as long as its slowest client (or the deadline)
             r += 1
-            if len(planned) == window:
+            if len(planned) == per_call:
                 send()
         if planned:
             send()

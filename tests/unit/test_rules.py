@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 
+from fedray.aggregation import rules
 from fedray.aggregation.rules import (
     Contribution,
     MaskedAccumulator,
@@ -385,3 +386,30 @@ def test_uncovered_unchanged_and_covered_within_range(seed):
         np.testing.assert_array_equal(out[k][~cover], old[~cover])
         assert np.all(out[k][cover] >= lo[cover] - 1e-6) and np.all(out[k][cover] <= hi[cover] + 1e-6)
         assert out[k].dtype == old.dtype
+
+
+def test_weighted_mean_of_dense_payloads_is_bit_identical_to_the_numpy_path():
+    """Dense payload-backed updates (what FedAvg clients send) take the merge kernels; a
+    sparse one among them sends the whole mean back to the accumulator. Same bits either way."""
+    from fedray.aggregation.buffer import lazy_decode
+    from fedray.submodel.encode import encode
+
+    rng = np.random.default_rng(3)
+    g = {"w": rng.standard_normal((6, 5)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32),
+         "n": np.array(4, np.int64)}
+    shapes = {k: v.shape for k, v in g.items()}
+    ups = [{k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in g.items()} for _ in range(4)]
+    weights = [14.0, 13.0, 15.0, 14.0]
+    for sparse in (False, True):
+        masks = [None] * 4
+        if sparse:  # the second update covers a third of "w" only: no longer dense
+            masks[1] = {"w": rng.random((6, 5)) < 0.3, "b": np.ones(6, bool), "n": np.ones((), bool)}
+        payloads = [encode(u, m) for u, m in zip(ups, masks)]
+        backed = [Contribution(*lazy_decode(p, shapes), w) for p, w in zip(payloads, weights)]
+        assert rules._dense_alike(backed) == (not sparse)
+        kernel = weighted_mean(g, backed)
+        sent = [{k: np.where(m[k], u[k], 0).astype(u[k].dtype) if m else u[k] for k in u} for u, m in zip(ups, masks)]
+        plain = weighted_mean(g, [Contribution(v, full_mask(g), w) for v, w in zip(sent, weights)])
+        for k in g:
+            assert kernel[k].dtype == g[k].dtype
+            assert np.array_equal(kernel[k], plain[k]), (sparse, k)

@@ -1,7 +1,9 @@
-"""Local training: early stopping on the training loss (AutoFLIP's exploration)."""
+"""Local training: early stopping on the training loss (AutoFLIP's exploration); a reused model
+and optimizer give what fresh ones would."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -34,3 +36,30 @@ def test_early_stop_keeps_training_while_the_loss_falls():
     cfg = TrainConfig(local_epochs=3, batch_size=64, lr=0.01)  # one full batch per epoch: loss falls
     s = local_train(model, get_params(model), x, y, np.arange(64), cfg, seed=1, early_stop=True)
     assert s.steps == 3
+
+
+@pytest.mark.parametrize("cfg", [TrainConfig(local_epochs=2, batch_size=16, lr=0.1, momentum=0.9, weight_decay=1e-3),
+                                 TrainConfig(local_epochs=2, batch_size=16, optimizer="adam", lr=0.01)],
+                         ids=["sgd-momentum", "adam"])
+def test_reused_model_and_optimizer_give_a_fresh_result(cfg):
+    """One model (and its kept optimizer) trains client after client: each result equals a
+    fresh model's, momentum buffers and Adam moments included; frozen parameters stay frozen."""
+    x, y = data()
+    torch.manual_seed(0)
+    init = get_params(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+
+    def fresh():
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    shared = fresh()
+    jobs = [(np.arange(0, 32), None, 1), (np.arange(32, 64), {"2.weight", "2.bias"}, 2), (np.arange(64), None, 3)]
+    for idx, trainable, seed in jobs:
+        local_train(shared, init, x, y, idx, cfg, seed=seed, trainable=trainable)
+        got = get_params(shared)
+        alone = fresh()
+        local_train(alone, init, x, y, idx, cfg, seed=seed, trainable=trainable)
+        want = get_params(alone)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+        if trainable is not None:
+            assert np.array_equal(got["0.weight"], init["0.weight"])
+        assert all(p.requires_grad for p in shared.parameters())
