@@ -6,9 +6,9 @@ the same data, in one process tree, and prints the ratio of steady-state
 seconds per round (mean over the rounds after a warm-up: wall time from the end
 of the warm-up to the end of the run, divided by the rounds; Ray start and actor
 creation excluded). fedray's round times are the aggregator's own completion
-stamps (``wall_s`` of the ``aggregate`` events). ``--heterogeneity`` instead compares fedray with the
-tiered device population (virtual-clock bookkeeping on) against a homogeneous
-one (device issue).
+stamps (``wall_s`` of the ``aggregate`` events). ``--heterogeneity`` instead
+compares fedray with the tiered device population (virtual-clock bookkeeping on)
+against a homogeneous one (device issue).
 
     python tools/bench_overhead.py                 # fedray / plain loop
     python tools/bench_overhead.py --heterogeneity # tiered / homogeneous

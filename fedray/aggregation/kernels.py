@@ -548,8 +548,7 @@ def merge(old: np.ndarray, pieces: Sequence, weights: Sequence[float], mode: int
     is rounded up to a power of two.
     ``parallel=None`` runs on ``numba.get_num_threads()`` threads when there
     are at least two tiles and :data:`PARALLEL_MIN` coordinates; ``True`` / ``False``
-    force it. ``name`` only
-    labels errors. ``old``'s dtype must be in :data:`DTYPES`.
+    force it. ``name`` only labels errors. ``old``'s dtype must be in :data:`DTYPES`.
     """
     old = np.asarray(old)
     if old.dtype not in DTYPES:
