@@ -232,6 +232,8 @@ class AggregatorActor:
 
     def _dispatch(self, dispatch: list) -> list:
         """One training call per ``(actor index, tasks)`` with the current version."""
+        if not dispatch:  # every client of the round dropped out or missed the deadline
+            return []
         if self.inline:  # by value: Ray copies it into each call, no object-store round trip
             ref = self.core.params
             if self._inline_version != self.core.version:

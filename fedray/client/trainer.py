@@ -98,16 +98,15 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _optimizer(model: nn.Module, names: tuple[str, ...], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """A fresh-state optimizer over ``names`` of ``model``: one instance per (parameters,
-    settings) is kept and its state cleared, which is what a new one would start from
-    (momentum buffers and Adam moments are created at the first step)."""
+    """An optimizer over ``names`` of ``model``, kept per (parameters, settings) instead of a
+    new one per task; :func:`local_train` clears its state after every task, which is what a
+    new one starts from (momentum buffers and Adam moments are created at the first step)."""
     cache = _OPTIMIZERS.setdefault(model, {})
     key = (names, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     opt = cache.get(key)
     if opt is None:
         named = _named(model)
         opt = cache[key] = make_optimizer([named[k] for k in names], cfg)
-    opt.state.clear()
     return opt
 
 
@@ -168,64 +167,67 @@ def local_train(
     rng = np.random.default_rng(seed)
     named = _named(model)
     train_names = tuple(k for k in named if trainable is None or k in trainable)
-    if trainable is not None:  # frozen parameters get no gradient (restored below)
-        for k, p in named.items():
-            p.requires_grad_(k in trainable)
-    keep = {}
-    if mask is not None:
-        for k in train_names:
-            if k in mask and not np.all(mask[k]):
-                m = torch.from_numpy(np.asarray(mask[k])).to(device)
-                keep[k] = (m, named[k].detach().clone() * (~m))
-    opt = _optimizer(model, train_names, cfg)
-    loss_fn = nn.functional.cross_entropy
-    sq = {k: torch.zeros_like(named[k]) for k in train_names} if collect_sq_grads else None
     hooks = []
-    if hidden_scale is not None and hidden_scale != 1.0:
-        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        for m in layers[:-1]:
-            hooks.append(m.register_forward_hook(lambda _m, _i, out: out / hidden_scale))
-    total, steps, seen = 0.0, 0, 0
-    per_epoch = math.ceil(len(indices) / cfg.batch_size) if early_stop and cfg.local_steps is None else 0
-    best, epoch_loss, epoch_n = math.inf, 0.0, 0
-    clock = time.perf_counter
-    t_step = clock()
-    for idx in batches(np.asarray(indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps, rng):
-        xb = torch.from_numpy(x[idx]).to(device, non_blocking=True)
-        yb = torch.from_numpy(y[idx]).to(device, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        if sq is not None:
+    opt = _optimizer(model, train_names, cfg)
+    try:  # even a failing task (an error update) leaves the model and optimizer as fresh ones
+        if trainable is not None:  # frozen parameters get no gradient (restored below)
+            for k, p in named.items():
+                p.requires_grad_(k in trainable)
+        keep = {}
+        if mask is not None:
             for k in train_names:
-                g = named[k].grad
-                if g is not None:
-                    sq[k] += g.detach() ** 2
-        opt.step()
-        if keep:
-            with torch.no_grad():
-                for k, (m, frozen) in keep.items():
-                    named[k].mul_(m).add_(frozen)
-        total += float(loss.detach()) * len(idx)
-        seen += len(idx)
-        steps += 1
-        if on_step is not None:
-            now = clock()
-            on_step(now - t_step)
-            t_step = clock()
-        if per_epoch:
-            epoch_loss += float(loss.detach()) * len(idx)
-            epoch_n += len(idx)
-            if steps % per_epoch == 0:  # an epoch ended
-                mean_loss = epoch_loss / epoch_n
-                if mean_loss >= best:
-                    break
-                best, epoch_loss, epoch_n = mean_loss, 0.0, 0
-    for h in hooks:
-        h.remove()
-    if trainable is not None:
-        for p in named.values():
-            p.requires_grad_(True)
+                if k in mask and not np.all(mask[k]):
+                    m = torch.from_numpy(np.asarray(mask[k])).to(device)
+                    keep[k] = (m, named[k].detach().clone() * (~m))
+        loss_fn = nn.functional.cross_entropy
+        sq = {k: torch.zeros_like(named[k]) for k in train_names} if collect_sq_grads else None
+        if hidden_scale is not None and hidden_scale != 1.0:
+            layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            for m in layers[:-1]:
+                hooks.append(m.register_forward_hook(lambda _m, _i, out: out / hidden_scale))
+        total, steps, seen = 0.0, 0, 0
+        per_epoch = math.ceil(len(indices) / cfg.batch_size) if early_stop and cfg.local_steps is None else 0
+        best, epoch_loss, epoch_n = math.inf, 0.0, 0
+        clock = time.perf_counter
+        t_step = clock()
+        for idx in batches(np.asarray(indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps, rng):
+            xb = torch.from_numpy(x[idx]).to(device, non_blocking=True)
+            yb = torch.from_numpy(y[idx]).to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            if sq is not None:
+                for k in train_names:
+                    g = named[k].grad
+                    if g is not None:
+                        sq[k] += g.detach() ** 2
+            opt.step()
+            if keep:
+                with torch.no_grad():
+                    for k, (m, frozen) in keep.items():
+                        named[k].mul_(m).add_(frozen)
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            steps += 1
+            if on_step is not None:
+                now = clock()
+                on_step(now - t_step)
+                t_step = clock()
+            if per_epoch:
+                epoch_loss += float(loss.detach()) * len(idx)
+                epoch_n += len(idx)
+                if steps % per_epoch == 0:  # an epoch ended
+                    mean_loss = epoch_loss / epoch_n
+                    if mean_loss >= best:
+                        break
+                    best, epoch_loss, epoch_n = mean_loss, 0.0, 0
+    finally:
+        for h in hooks:
+            h.remove()
+        if trainable is not None:
+            for p in named.values():
+                p.requires_grad_(True)
+        opt.state.clear()  # no momentum buffers or moments kept between tasks
     sq_np = {k: v.cpu().numpy() for k, v in sq.items()} if sq is not None else None
     return TrainStats(loss=total / max(seen, 1), steps=steps, examples=len(indices), sq_grads=sq_np)
 

@@ -79,8 +79,10 @@ class Method:
     name: ClassVar[str] = "base"
     Params: ClassVar[type] = NoParams
     schedule: ClassVar[str] = "sync"
-    # does planning depend on finished rounds (observe / sync_from_server / on_eval)? If not,
-    # synchronous rounds are pipelined: the next round is dispatched before this one is read.
+    # does planning depend on finished rounds (observe / sync_from_server / on_eval / finished)?
+    # If not, synchronous rounds are planned ahead and run in windows (up to twice
+    # cluster.rounds_per_call rounds before the first of them is read), so such a method must
+    # not end itself early through ``finished``.
     feedback: ClassVar[bool] = True
 
     def __init__(self, cfg, spec=None):

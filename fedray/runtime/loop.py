@@ -453,15 +453,18 @@ class Runner:
         t, r = 0.0, 0
         planned: list = []  # [(recs, plan, round)] not sent yet
         waiting = None  # (planned, ref) of the call whose results are not read yet
+        last_done = None  # completion stamp of the last round read
 
         def send():
-            nonlocal planned, waiting, per_call
+            nonlocal planned, waiting, per_call, last_done
             ref = self.aggregator.rounds.remote([plan for _, plan, _ in planned])
             if waiting is not None:
                 done = self._close(*waiting, on_aggregate)
-                if len(done) > 1:  # size the next calls by the measured seconds per round
-                    per = max(done[-1] - done[0], 1e-6) / (len(done) - 1)
-                    per_call = max(1, min(cfg.cluster.rounds_per_call, int(CALL_S / per)))
+                first = last_done if last_done is not None else done[0]
+                n = len(done) if last_done is not None else len(done) - 1
+                if n:  # size the next calls by the measured seconds per round
+                    per_call = max(1, min(cfg.cluster.rounds_per_call, int(CALL_S * n / max(done[-1] - first, 1e-6))))
+                last_done = done[-1]
             waiting, planned = (planned, ref), []
             if not pipelined:
                 self._close(*waiting, on_aggregate)
@@ -480,10 +483,12 @@ class Runner:
             self.version += 1
             for x in recs:  # every client of a synchronous round is done when the round ends
                 self.busy[x.task.assignment.client_id] = False
-            t = max(x.t_end for x in recs)  # the round lasts as long as its slowest client (or the deadline)
             r += 1
             if len(planned) == per_call:
                 send()
+            # the round lasts as long as its slowest client (or the deadline); in real mode its
+            # ends are the measured ones, known once the round is read (``send`` above)
+            t = max(x.t_end for x in recs)
         if planned:
             send()
         if waiting is not None:

@@ -67,6 +67,9 @@ def test_real_mode_run_reports_measured_seconds(ray_session, tmp_path):
     ups = t[t.event == "update"]
     # in real mode the round time is the measured training time plus simulated communication
     assert np.allclose(ups.round_s, ups.client_wall_s + ups.comm_s + 2 * 0.05, rtol=1e-6)
+    # and the next round starts when that measured round ended
+    ends = t[t.event == "aggregate"].virtual_s.to_numpy()
+    assert np.allclose(ups.groupby("round").t_start.min().to_numpy()[1:], ends[:-1])
 
 
 def test_unavailable_and_empty_battery_devices_are_not_selected(ray_session, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from fedray.config import from_dict
 from fedray.metrics.recorder import WALL_COLUMNS
+from fedray.runtime import loop
 from fedray.runtime.loop import run
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
@@ -64,11 +65,14 @@ def _table(summary):
 
 
 @pytest.mark.parametrize("hetero", [False, True], ids=["homogeneous", "heterogeneous"])
-def test_deterministic_whatever_the_actor_count_and_window(ray_session, tmp_path, hetero):
+def test_deterministic_whatever_the_actor_count_and_window(ray_session, tmp_path, hetero, monkeypatch):
     over = {"devices.tiers": "clamp", "devices.link": "lognormal", "devices.load_sigma": 0.3,
             "devices.noise_sigma": 0.2, "devices.dropout_prob": 0.1} if hetero else {}
-    out = []  # and whatever the number of rounds the aggregator runs per call (6 rounds: 1x6, 6, 4+2)
-    for actors, window in ((1, 1), (2, 8), (4, 4)):
+    # and whatever the number of rounds the aggregator runs per call: with calls this long the
+    # windows grow to the cap after a first call of 2 rounds (6 rounds: 1x6, 2+4, 2+3+1)
+    monkeypatch.setattr(loop, "CALL_S", 1e9)
+    out = []
+    for actors, window in ((1, 1), (2, 8), (4, 3)):
         cfg = small(tmp_path / str(actors), **{"cluster.num_client_actors": actors,
                                                "cluster.rounds_per_call": window, **over})
         out.append(run(cfg))

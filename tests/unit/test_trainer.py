@@ -20,6 +20,7 @@ def data():
 
 def test_early_stop_ends_when_the_epoch_loss_stops_falling():
     x, y = data()
+    torch.manual_seed(0)  # the outcome depends on the initial weights
     model = nn.Linear(4, 2)
     params = get_params(model)
     diverge = TrainConfig(local_epochs=20, batch_size=16, lr=50.0)  # a huge step: the loss jumps around
@@ -62,4 +63,11 @@ def test_reused_model_and_optimizer_give_a_fresh_result(cfg):
         assert all(np.array_equal(got[k], want[k]) for k in want)
         if trainable is not None:
             assert np.array_equal(got["0.weight"], init["0.weight"])
+        assert all(p.requires_grad for p in shared.parameters())
+
+        def fail(_s):
+            raise RuntimeError("device lost")
+
+        with pytest.raises(RuntimeError):  # a task that fails midway changes nothing for the next
+            local_train(shared, init, x, y, idx, cfg, seed=seed, trainable={"2.bias"}, on_step=fail)
         assert all(p.requires_grad for p in shared.parameters())
