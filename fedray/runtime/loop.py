@@ -67,6 +67,11 @@ def model_digest(params: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _slot(headers, slot: int):
+    """The header at ``slot`` of one call's header list, or the exception that lost the call."""
+    return headers if isinstance(headers, Exception) else headers[slot]
+
+
 CALL_S = 0.25
 """Seconds of synchronous rounds per aggregator call: enough to make the per-call cost (a few
 milliseconds) negligible, short enough for timely progress and Tune reports."""
@@ -373,9 +378,7 @@ class Runner:
         window = self.version if window is None else window
         ups = [r for r in recs if r.outcome == "update"]
         if res is not None and "headers" in res:  # a round the aggregator dispatched brings them
-            calls = res["headers"]
-            headers = {r.dispatch_id: calls[r.call] if isinstance(calls[r.call], Exception) else calls[r.call][r.slot]
-                       for r in ups}
+            headers = {r.dispatch_id: _slot(res["headers"][r.call], r.slot) for r in ups}
         else:
             headers = self._headers(ups)
         reasons = dict(res["results"]) if res else {}
@@ -408,8 +411,7 @@ class Runner:
     def _headers(recs: list[Inflight]) -> dict:
         """Update headers by dispatch id (one fetch per actor call); a lost one becomes its exception."""
         calls = cluster.fetch_lists([r.call_refs[0] for r in recs])
-        return {r.dispatch_id: (calls[r.call_refs[0]] if isinstance(calls[r.call_refs[0]], Exception)
-                                else calls[r.call_refs[0]][r.slot]) for r in recs}
+        return {r.dispatch_id: _slot(calls[r.call_refs[0]], r.slot) for r in recs}
 
     def _expected(self, task: Task) -> list[str]:
         m = task.assignment.mask
