@@ -24,7 +24,7 @@ def _default_config() -> str:
 
 def cmd_run(args) -> int:
     from fedray import config
-    from fedray.runtime.loop import run
+    from fedray.runtime.runner import run
 
     cfg = config.load(args.config or _default_config(), args.set)
     if args.out:

@@ -211,7 +211,7 @@ def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None) ->
     from fedray import report as R
     from fedray import storage as S
     from fedray.runtime import cluster
-    from fedray.runtime.loop import Runner
+    from fedray.runtime.runner import Runner
 
     if storage is not None:
         storage = S.normalize(storage)

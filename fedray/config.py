@@ -16,7 +16,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,26 +24,7 @@ import yaml
 
 from fedray.errors import ConfigError
 
-# ---------------------------------------------------------------- field helpers
-
-
-def _f(default=dataclasses.MISSING, *, check=None, choices=None, factory=None, doc: str = ""):
-    """A dataclass field with validation metadata.
-
-    ``check`` is ``(predicate, description)``, e.g. ``(lambda v: v > 0, "> 0")``.
-    """
-    meta = {"check": check, "choices": choices, "doc": doc}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-POS = (lambda v: v > 0, "> 0")
-NONNEG = (lambda v: v >= 0, ">= 0")
-FRACTION = (lambda v: 0 < v < 1, "in (0, 1)")
-UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-UNIT_POS = (lambda v: 0 < v <= 1, "in (0, 1]")
-
+from fedray.params import FRACTION, NONNEG, POS, UNIT, UNIT_POS, _f  # noqa: F401 (field helpers)
 
 # ---------------------------------------------------------------- sections
 
@@ -58,7 +39,7 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"
+    name: str = _f("digits", doc="a registered data set or an import path 'package.module:load'")
     root: str | None = _f(None, doc="local folder for cifar/fashion_mnist/emnist/femnist")
     download: bool = _f(False, doc="let torchvision download into root")
     test_fraction: float = _f(0.2, check=FRACTION)
@@ -70,7 +51,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"
+    name: str = _f("mlp", doc="a zoo model or an import path 'package.module:Net'")
     options: dict = _f(factory=dict, doc="builder options (hidden sizes, channels, batch_norm...)")
 
 
@@ -90,8 +71,18 @@ class ServerConfig:
     rounds: int = _f(100, check=POS, doc="aggregations (rounds for sync methods)")
     clients_per_round: int = _f(10, check=POS)
     eval_every: int = _f(1, check=POS)
-    target_accuracy: float | None = _f(None, check=UNIT_POS)
+    target_accuracy: float | None = _f(None, check=UNIT_POS, doc="target of the task's primary metric (time to target)")
     max_virtual_s: float | None = _f(None, check=POS, doc="stop after this virtual time")
+    client_eval_every: int = _f(0, check=NONNEG, doc="evaluate the model on every client's own data every this "
+                                "many aggregations (per-client spread; 0: never)")
+    client_eval_clients: int | None = _f(None, check=POS, doc="clients in each per-client evaluation (null: all; "
+                                         "else a seeded sample)")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = _f("classification", doc="classification, regression or an import path 'package.module:Task'")
+    options: dict = _f(factory=dict, doc="the task's constructor arguments")
 
 
 @dataclass(frozen=True)
@@ -167,6 +158,7 @@ class ExperimentConfig:
     method: MethodConfig = _f(factory=MethodConfig)
     data: DataConfig = _f(factory=DataConfig)
     model: ModelConfig = _f(factory=ModelConfig)
+    task: TaskConfig = _f(factory=TaskConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     server: ServerConfig = _f(factory=ServerConfig)
     devices: DevicesConfig = _f(factory=DevicesConfig)
@@ -383,14 +375,23 @@ def _build_method(raw: Mapping) -> MethodConfig:
 
 def _check_cross(cfg: ExperimentConfig) -> None:
     """Checks that involve several fields or the registries."""
+    from fedray import plugins
     from fedray.data.datasets import DATASETS, needs_root
     from fedray.models.zoo import MODELS
+    from fedray.tasks import get_task
 
-    if cfg.data.name not in DATASETS:
-        raise ConfigError("data.name", f"unknown data set {cfg.data.name!r}; choose from: {', '.join(sorted(DATASETS))}")
-    if cfg.model.name not in MODELS:
-        raise ConfigError("model.name", f"unknown model {cfg.model.name!r}; choose from: {', '.join(sorted(MODELS))}")
-    if needs_root(cfg.data.name):
+    if plugins.is_import_path(cfg.data.name):
+        plugins.load_object(cfg.data.name, "data.name", kind="data set")
+    elif cfg.data.name not in DATASETS:
+        raise ConfigError("data.name", f"unknown data set {cfg.data.name!r}; choose from: {', '.join(sorted(DATASETS))} "
+                                       "or an import path 'package.module:load'")
+    if plugins.is_import_path(cfg.model.name):
+        plugins.load_object(cfg.model.name, "model.name", kind="model")
+    elif cfg.model.name not in MODELS:
+        raise ConfigError("model.name", f"unknown model {cfg.model.name!r}; choose from: {', '.join(sorted(MODELS))} "
+                                        "or an import path 'package.module:Net'")
+    get_task(cfg.task.name, cfg.task.options)
+    if not plugins.is_import_path(cfg.data.name) and needs_root(cfg.data.name):
         if cfg.data.root is None:
             raise ConfigError("data.root", f"data set {cfg.data.name!r} reads a local folder; set data.root")
         if not cfg.data.download and not Path(cfg.data.root).is_dir():
@@ -400,7 +401,7 @@ def _check_cross(cfg: ExperimentConfig) -> None:
             "server.clients_per_round",
             f"must be <= data.num_clients ({cfg.data.num_clients}), got {cfg.server.clients_per_round}",
         )
-    if cfg.data.partition.kind == "natural" and cfg.data.name not in ("femnist", "synthetic"):
+    if cfg.data.partition.kind == "natural" and cfg.data.name in DATASETS and cfg.data.name not in ("femnist", "synthetic"):
         raise ConfigError("data.partition.kind", f"'natural' needs a data set with writers (femnist, synthetic), not {cfg.data.name!r}")
     if cfg.devices.trace_path is not None and not Path(cfg.devices.trace_path).is_file():
         raise ConfigError("devices.trace_path", f"file '{cfg.devices.trace_path}' does not exist")

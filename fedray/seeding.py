@@ -20,6 +20,7 @@ PURPOSES = {
     "mask": 9,
     "explore": 10,
     "split": 11,
+    "client_eval": 12,
 }
 
 

@@ -25,7 +25,7 @@ Conventions:
   line.
 - ``--set`` overrides apply to the whole file (``--set tune.num_samples=2``
   works too).
-- A trial is one :class:`fedray.runtime.loop.Runner` run. Its resources are a
+- A trial is one :class:`fedray.runtime.runner.Runner` run. Its resources are a
   ``PlacementGroupFactory`` sized from the trial's own config: bundle 0 = the
   driver loop (``driver_cpus``), one bundle for the aggregator when
   ``cluster.aggregator_cpus > 0``, and one per client actor with the resources
@@ -347,7 +347,7 @@ def make_trainable(spec: TuneSpec):
     def fedray_trial(config):
         from ray import tune as _tune
 
-        from fedray.runtime.loop import Runner
+        from fedray.runtime.runner import Runner
 
         cfg = C.from_dict(with_values(base, config))
         cfg = without_own_placement(replace(cfg, runtime=replace(cfg.runtime, progress=False)))

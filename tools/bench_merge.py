@@ -10,7 +10,7 @@ times (medians reported):
 - ``copy``: ``np.copyto`` of every array of the K payloads into preallocated
   buffers -- the same bytes, the memory-bound floor;
 - ``merge``: what the aggregator does with K buffered payloads: wrap each in
-  :func:`fedray.aggregation.buffer.lazy_decode` (the buffering in
+  :func:`fedray.aggregation.merge.lazy_decode` (the buffering in
   ``AggregatorCore.admit``) and apply :func:`fedray.aggregation.rules.masked_mean`
   (the rule of CA-HFP / HeteroFL / MaskFedAvg), on 1 thread and on all numba
   threads;
@@ -40,7 +40,7 @@ import numpy as np
 def build(k: int, density: float, seed: int):
     import torch
 
-    from fedray.models.zoo import build_model
+    from fedray.models import build_model
     from fedray.submodel.encode import encode
 
     torch.manual_seed(seed)
@@ -58,31 +58,15 @@ def build(k: int, density: float, seed: int):
     return params, payloads
 
 
-class MaskedMean:
-    """Minimal method: the masked-mean server step of CA-HFP / HeteroFL."""
-
-    def max_staleness(self):
-        return None
-
-    def trigger(self, pending: int) -> bool:
-        return False
-
-    def aggregate(self, global_params, entries, version):
-        from fedray.aggregation import rules
-
-        return rules.masked_mean(global_params, [c for _, c in entries])
-
-    def public_state(self, global_params, version):
-        return None
-
-
 def fedbuff(k: int):
     from fedray.config import from_dict
     from fedray.methods import registry
 
+    from fedray.methods.base import ServerContext
+
     cfg = from_dict({"method": {"name": "fedbuff", "buffer_size": k, "staleness": "constant"},
                      "data": {"name": "digits", "num_clients": max(k, 10)}})
-    return registry.get("fedbuff")(cfg, None)
+    return registry.get("fedbuff").Server(ServerContext(cfg, "fedbuff", cfg.method.params, None, cfg.data.num_clients))
 
 
 def main(argv=None) -> int:
@@ -96,8 +80,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from fedray.aggregation import kernels, rules, validate
-    from fedray.aggregation.actor import AggregatorCore
-    from fedray.aggregation.buffer import lazy_decode
+    from fedray.aggregation.core import AggregatorCore
+    from fedray.aggregation.merge import lazy_decode
     from fedray.submodel.encode import decode
     from fedray.update import Update
 

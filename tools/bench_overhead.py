@@ -30,7 +30,7 @@ def fedray_round_s(cfg_dict: dict, warmup: int) -> tuple[float, float]:
     import pyarrow.parquet as pq
 
     from fedray.config import from_dict
-    from fedray.runtime.loop import Runner
+    from fedray.runtime.runner import Runner
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = from_dict(cfg_dict, [f"runtime.out_dir={tmp}", "runtime.tensorboard=false"])

@@ -41,14 +41,14 @@ def plain_fedavg(cfg, *, seed: int = 1234, threads: int = 1) -> dict:
 
     Returns final accuracy and per-round wall seconds.
     """
-    from fedray.runtime.loop import prepare
+    from fedray.runtime.setup import prepare
 
     torch.set_num_threads(threads)
     setup = prepare(cfg)
     ds, parts = setup.dataset, setup.partitions
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    from fedray.models.zoo import build_model
+    from fedray.models import build_model
 
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, options=cfg.model.options)
     x_tr, y_tr = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
@@ -103,7 +103,7 @@ def main() -> None:
         line = f"seed {seed}: plain loop {out['final_accuracy']:.4f} " \
                f"({np.median(out['round_s'][10:]) * 1e3:.2f} ms/round)"
         if a.fedray:
-            from fedray.runtime.loop import run
+            from fedray.runtime.runner import run
 
             fed.append(run(cfg)["final_accuracy"])
             line += f", fedray {fed[-1]:.4f}"

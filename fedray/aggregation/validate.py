@@ -13,6 +13,10 @@ update or a short reason code (counted per reason by the aggregator):
 ``mask_mismatch``  indices out of range, duplicated, or not matching the values
                    (a bitmask of the wrong length, or whose count differs from the values)
 ``nonfinite``      NaN or Inf among the values
+``stale``          older than the method's staleness cutoff
+``size``           the payload's bytes differ from what its submodel declared (the channel)
+``extras``         extra arrays other than the declared ones (name, dtype, length, indices)
+``state``          a non-finite client state
 =================  ===============================================
 """
 from __future__ import annotations
@@ -28,7 +32,7 @@ from fedray.update import Update
 # every reason the aggregator counts; "nonfinite_result": an aggregation that would have made the
 # model non-finite is discarded with its updates
 REASONS = ("duplicate", "stale", "client_error", "zero_examples", "missing_key", "unknown_key",
-           "shape", "dtype", "mask_mismatch", "nonfinite", "nonfinite_result")
+           "shape", "dtype", "mask_mismatch", "nonfinite", "size", "extras", "state", "nonfinite_result")
 
 
 def _check_entry(e: Entry, ref: np.ndarray) -> str | None:

@@ -4,7 +4,10 @@
 coordinates with the configured optimizer on the client's examples, and
 returns the new state as numpy arrays plus statistics. Everything random comes
 from ``seed`` (batch order and any torch randomness), so the result depends
-only on the inputs, never on which actor or worker ran it.
+only on the inputs, never on which actor or worker ran it. A method's client
+algorithm (:class:`fedray.methods.base.ClientAlgorithm`) reaches into training
+only through its ``after_backward`` and ``end_epoch`` hooks; the trainer knows
+no method.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedray.config import TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,16 +90,15 @@ class TrainStats:
     loss: float
     steps: int
     examples: int
-    sq_grads: dict[str, np.ndarray] | None = None
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _optimizer(model: nn.Module, names: tuple[str, ...], cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, names: tuple[str, ...], cfg) -> torch.optim.Optimizer:
     """An optimizer over ``names`` of ``model``, kept per (parameters, settings) instead of a
     new one per task; :func:`local_train` clears its state after every task, which is what a
     new one starts from (momentum buffers and Adam moments are created at the first step)."""
@@ -133,31 +134,31 @@ def local_train(
     x: np.ndarray,
     y: np.ndarray,
     indices: np.ndarray,
-    cfg: TrainConfig,
+    cfg,
     *,
     seed: int,
     trainable: set[str] | None = None,
     mask: Mapping[str, np.ndarray] | None = None,
     device: torch.device = torch.device("cpu"),
-    collect_sq_grads: bool = False,
-    hidden_scale: float | None = None,
     on_step=None,
-    early_stop: bool = False,
+    loss_fn=nn.functional.cross_entropy,
+    hooks=None,
+    run=None,
 ) -> TrainStats:
     """Train ``model`` (loaded with ``params``) in place on ``x[indices]``.
 
+    ``cfg``: the ``train`` section (optimizer, lr, batch size, epochs or steps).
     ``trainable``: parameter names that may change (None: all). Frozen
     parameters get ``requires_grad=False`` so no backward work is done for them.
     ``mask``: boolean arrays; coordinates outside a tensor's mask are restored
     to their starting values after every optimizer step (masked training).
-    ``collect_sq_grads``: accumulate squared gradients per parameter (PR-FL
-    importance) and return them in the stats.
-    ``hidden_scale``: divide the outputs of every layer but the last by this
-    value during training (HeteroFL's scaler for a width-``beta`` submodel).
     ``on_step(busy_s)``: called after every optimizer step with the step's
     measured seconds (real throttling).
-    ``early_stop``: with epochs (not steps), stop after the first epoch whose mean
-    training loss is not lower than the best earlier epoch's (AutoFLIP's exploration).
+    ``loss_fn(output, target)``: the task's training loss (default cross-entropy).
+    ``hooks`` / ``run``: a client algorithm and its :class:`~fedray.methods.base.LocalRun`;
+    ``hooks.after_backward(run)`` runs after every backward pass (before the step) and,
+    with epoch budgets, ``hooks.end_epoch(run, mean_loss)`` after every epoch (True stops
+    training), each only when the algorithm overrides it. ``run.steps`` counts the steps.
     """
     load_params(model, params)
     to_device(model, device)
@@ -167,8 +168,9 @@ def local_train(
     rng = np.random.default_rng(seed)
     named = _named(model)
     train_names = tuple(k for k in named if trainable is None or k in trainable)
-    hooks = []
     opt = _optimizer(model, train_names, cfg)
+    after_backward = hooks.after_backward if hooks is not None and hooks.overrides("after_backward") else None
+    end_epoch = hooks.end_epoch if hooks is not None and hooks.overrides("end_epoch") else None
     try:  # even a failing task (an error update) leaves the model and optimizer as fresh ones
         if trainable is not None:  # frozen parameters get no gradient (restored below)
             for k, p in named.items():
@@ -177,17 +179,11 @@ def local_train(
         if mask is not None:
             for k in train_names:
                 if k in mask and not np.all(mask[k]):
-                    m = torch.from_numpy(np.asarray(mask[k])).to(device)
+                    m = torch.from_numpy(np.array(mask[k])).to(device)
                     keep[k] = (m, named[k].detach().clone() * (~m))
-        loss_fn = nn.functional.cross_entropy
-        sq = {k: torch.zeros_like(named[k]) for k in train_names} if collect_sq_grads else None
-        if hidden_scale is not None and hidden_scale != 1.0:
-            layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            for m in layers[:-1]:
-                hooks.append(m.register_forward_hook(lambda _m, _i, out: out / hidden_scale))
         total, steps, seen = 0.0, 0, 0
-        per_epoch = math.ceil(len(indices) / cfg.batch_size) if early_stop and cfg.local_steps is None else 0
-        best, epoch_loss, epoch_n = math.inf, 0.0, 0
+        per_epoch = math.ceil(len(indices) / cfg.batch_size) if end_epoch and cfg.local_steps is None else 0
+        epoch_loss, epoch_n = 0.0, 0
         clock = time.perf_counter
         t_step = clock()
         for idx in batches(np.asarray(indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps, rng):
@@ -196,11 +192,8 @@ def local_train(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()
-            if sq is not None:
-                for k in train_names:
-                    g = named[k].grad
-                    if g is not None:
-                        sq[k] += g.detach() ** 2
+            if after_backward is not None:
+                after_backward(run)
             opt.step()
             if keep:
                 with torch.no_grad():
@@ -209,6 +202,8 @@ def local_train(
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
             steps += 1
+            if run is not None:
+                run.steps = steps
             if on_step is not None:
                 now = clock()
                 on_step(now - t_step)
@@ -217,33 +212,12 @@ def local_train(
                 epoch_loss += float(loss.detach()) * len(idx)
                 epoch_n += len(idx)
                 if steps % per_epoch == 0:  # an epoch ended
-                    mean_loss = epoch_loss / epoch_n
-                    if mean_loss >= best:
+                    if end_epoch(run, epoch_loss / epoch_n):
                         break
-                    best, epoch_loss, epoch_n = mean_loss, 0.0, 0
+                    epoch_loss, epoch_n = 0.0, 0
     finally:
-        for h in hooks:
-            h.remove()
         if trainable is not None:
             for p in named.values():
                 p.requires_grad_(True)
         opt.state.clear()  # no momentum buffers or moments kept between tasks
-    sq_np = {k: v.cpu().numpy() for k, v in sq.items()} if sq is not None else None
-    return TrainStats(loss=total / max(seen, 1), steps=steps, examples=len(indices), sq_grads=sq_np)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024, device=torch.device("cpu")) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on ``(x, y)``."""
-    to_device(model, device)
-    model.eval()
-    correct, loss, n = 0, 0.0, len(y)
-    for s in range(0, n, batch_size):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            xb = torch.from_numpy(x[s : s + batch_size]).to(device)
-            yb = torch.from_numpy(y[s : s + batch_size]).to(device)
-        out = model(xb)
-        loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    return correct / max(n, 1), loss / max(n, 1)
+    return TrainStats(loss=total / max(seen, 1), steps=steps, examples=len(indices))

@@ -2,9 +2,11 @@
 
 Conventions (all loaders):
 
-- ``x_*`` are C-contiguous ``float32`` arrays shaped ``(N, *input_shape)``;
-  images are channel-first (``(N, C, H, W)``). ``y_*`` are ``int64`` class ids
-  in ``[0, num_classes)``. Contiguous arrays can be ``ray.put`` once and read
+- ``x_*`` are C-contiguous arrays shaped ``(N, *input_shape)`` (``float32``; integer
+  token ids for a user data set whose model embeds them); images are channel-first
+  (``(N, C, H, W)``). ``y_*`` are ``int64`` class ids in ``[0, num_classes)``, or
+  ``float32`` regression targets (``(N,)`` or ``(N, k)``; ``num_classes`` is then the
+  number of outputs). Contiguous arrays can be ``ray.put`` once and read
   zero-copy by every actor.
 - ``writers`` (only for naturally partitioned data: ``femnist``, ``synthetic``)
   holds an ``int64`` writer/user id for every *training* example; the
@@ -57,10 +59,10 @@ class Dataset:
         for split in ("train", "test"):
             x = getattr(self, f"x_{split}")
             y = getattr(self, f"y_{split}")
-            if x.dtype != np.float32 or not x.flags.c_contiguous:
-                raise ValueError(f"{self.name}: x_{split} must be C-contiguous float32")
-            if y.dtype != np.int64 or y.ndim != 1:
-                raise ValueError(f"{self.name}: y_{split} must be a 1-d int64 array")
+            if not (x.dtype == np.float32 or np.issubdtype(x.dtype, np.integer)) or not x.flags.c_contiguous:
+                raise ValueError(f"{self.name}: x_{split} must be a C-contiguous float32 (or integer) array")
+            if not ((y.dtype == np.int64 and y.ndim == 1) or (y.dtype == np.float32 and y.ndim in (1, 2))):
+                raise ValueError(f"{self.name}: y_{split} must be int64 class ids (N,) or float32 targets")
             if x.shape[0] != y.shape[0] or tuple(x.shape[1:]) != tuple(self.input_shape):
                 raise ValueError(
                     f"{self.name}: x_{split} has shape {x.shape}, expected "
@@ -138,15 +140,37 @@ def load_dataset(
     test split (``digits``, ``synthetic``); ``options`` are per-set settings
     (``data.options``), unknown keys are rejected.
     """
-    entry = _entry(name)
     if not (0.0 < float(test_fraction) < 1.0):
         raise ConfigError("data.test_fraction", f"must be in (0, 1), got {test_fraction!r}")
+    from fedray import plugins
+
+    if plugins.is_import_path(name):
+        return _user_dataset(name, root, download, seed, test_fraction, options)
+    entry = _entry(name)
     if entry.needs_root:
         if not root:
             raise ConfigError("data.root", f"{name} reads files from a folder ({entry.layout}); set data.root")
         if not download and not os.path.isdir(root):
             raise DataError(f"data.root: folder '{root}' does not exist ({name} needs {entry.layout})")
     return entry.loader(root, bool(download), int(seed), float(test_fraction), dict(options or {}))
+
+
+def _user_dataset(name, root, download, seed, test_fraction, options) -> Dataset:
+    """A user loader named by import path, called with the keyword arguments it accepts of
+    ``root, download, seed, test_fraction, options``; it must return a :class:`Dataset`."""
+    from fedray import plugins
+
+    loader = plugins.load_object(name, "data.name", kind="data set")
+    try:
+        ds = plugins.call_with(loader, {"root": root, "download": bool(download), "seed": int(seed),
+                                        "test_fraction": float(test_fraction), "options": dict(options or {})})
+    except (ConfigError, DataError):
+        raise
+    except ValueError as e:
+        raise DataError(f"data.name: {name!r} returned an invalid data set: {e}") from None
+    if not isinstance(ds, Dataset):
+        raise ConfigError("data.name", f"{name!r} returned {type(ds).__name__}, not a fedray.data.Dataset")
+    return ds
 
 
 # ---------------------------------------------------------------- helpers

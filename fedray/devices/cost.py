@@ -32,6 +32,7 @@ seeded on/off process or windows, ``available`` combining it with trace and batt
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -155,6 +156,14 @@ class CostModel:
             download_bps=down,
             upload_bps=up,
         )
+
+
+def measured(profile: DeviceProfile, cost: Cost, compute_s: float) -> Cost:
+    """``cost`` with the compute seconds a device measured (``devices.mode: real``): the round
+    time, the energy and what the device reports use them; communication stays simulated."""
+    total = compute_s + cost.download_s + cost.upload_s + 2.0 * cost.latency_s
+    energy = profile.compute_power_w * compute_s + profile.radio_power_w * (cost.download_s + cost.upload_s)
+    return dataclasses.replace(cost, compute_s=float(compute_s), total_s=total, energy_j=energy)
 
 
 def partial(profile: DeviceProfile, cost: Cost, compute_fraction: float) -> tuple[float, int]:

@@ -6,8 +6,9 @@ has: the staleness function (a name of
 ``b``), the number of clients in flight and the maximum-staleness cutoff.
 :func:`staleness_fn` binds them through :func:`fedray.aggregation.staleness.get`
 (the one way to pick a staleness function) and reports a bad combination as a
-``ConfigError`` naming the ``method.*`` field. :class:`AsyncMethod` answers the
-driver's ``concurrency()`` / ``max_staleness()`` hooks from those fields.
+``ConfigError`` naming the ``method.*`` field. :class:`AsyncPlanner` answers the
+schedule's ``concurrency()`` and :class:`AsyncServer` ``max_staleness()`` and the
+staleness weight from those fields.
 
 Staleness of an update is ``tau = v - v_i``: the server version at
 aggregation minus the version the client started from.
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fedray.aggregation import staleness
-from fedray.config import NONNEG, POS, _f
 from fedray.errors import ConfigError
-from fedray.methods.base import Method
+from fedray.methods.base import Planner, Server
+from fedray.params import NONNEG, POS, _f
 
-__all__ = ["AsyncParams", "AsyncMethod", "staleness_fn"]
+__all__ = ["AsyncParams", "AsyncPlanner", "AsyncServer", "staleness_fn"]
 
 
 def staleness_fn(params) -> Callable:
@@ -66,18 +67,20 @@ class AsyncParams:
         staleness_fn(self)  # validates the name / parameter combination
 
 
-class AsyncMethod(Method):
-    """Base of the asynchronous methods: ``self.weight_of(tau)`` is the bound staleness function."""
-
-    Params = AsyncParams
-
-    def __init__(self, cfg, spec=None):
-        super().__init__(cfg, spec)
-        self.weight_of = staleness_fn(self.params)
+class AsyncPlanner(Planner):
+    """Clients in flight: ``method.concurrency`` (null: ``server.clients_per_round``)."""
 
     def concurrency(self) -> int:
         c = self.params.concurrency
-        return int(c) if c is not None else self.cfg.server.clients_per_round
+        return int(c) if c is not None else self.ctx.cfg.server.clients_per_round
+
+
+class AsyncServer(Server):
+    """``self.weight_of(tau)`` is the bound staleness function; ``max_staleness`` the cutoff."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.weight_of = staleness_fn(self.params)
 
     def max_staleness(self) -> int | None:
         return self.params.max_staleness

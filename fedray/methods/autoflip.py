@@ -12,17 +12,16 @@ aggregation does not average: it computes the guidance
 arrived copies), the hybrid mask ``M``
 (:func:`fedray.pruning.exploration.hybrid_mask`, quantile ``q``, optional
 structured part) and publishes ``theta <- theta_base * M`` (pruned
-coordinates exactly zero). ``M`` reaches the driver-side instance through
-:meth:`Method.public_state` / :meth:`Method.sync_from_server`. A round in
+coordinates exactly zero). ``M`` reaches the planner as the server's message. A round in
 which no exploring client arrived leaves the run in Phase 0.
 Each exploring copy trains up to ``explore_epochs`` epochs and stops early at
 the first epoch whose mean training loss does not improve on the best earlier
-one (``Assignment.early_stop``); its cost is predicted at dispatch for the
-full ``explore_epochs`` (the device's budget), since where it stops is only
-known afterwards.
+one (the client algorithm's ``end_epoch`` hook); its cost is predicted at
+dispatch for the full ``explore_epochs`` (the device's budget), since where it
+stops is only known afterwards.
 
-Phase 1 -- FL on the masked model. Sampled clients train with
-``Assignment.mask = M`` (the trainer restores every uncovered coordinate,
+Phase 1 -- FL on the masked model. Sampled clients train the submodel with
+``mask = M`` (the trainer restores every uncovered coordinate,
 i.e. zero, after every optimiser step) and send their delta. Server:
 ``target = theta + masked mean of the deltas`` (weights ``n_i``); server
 momentum on the trainable parameters
@@ -55,11 +54,12 @@ import numpy as np
 
 from fedray import seeding
 from fedray.aggregation import rules
-from fedray.config import POS, UNIT, _f
-from fedray.methods.base import Assignment, Method
+from fedray.methods.base import Aggregation, Assignment, ClientAlgorithm, Method, Planner, Server
 from fedray.methods.registry import register
+from fedray.params import POS, UNIT, _f
 from fedray.pruning.exploration import guidance, hybrid_mask, random_mask, refresh_guidance
 from fedray.submodel import masks as M
+from fedray.submodel.submodel import Submodel
 
 
 @dataclass(frozen=True)
@@ -76,97 +76,137 @@ class FlipParams(PruneParams):
     refresh: bool = _f(False, doc="recompute the mask every round from the sampled clients' deltas")
 
 
-class _Pruned(Method):
-    """Shared two-phase machinery (exploration round, then masked FL with server momentum)."""
+@dataclass
+class MaskState:
+    """The planner's state: the mask (None: Phase 0, exploration)."""
 
-    schedule = "sync"
+    mask: dict | None = None
 
-    def __init__(self, cfg, spec=None):
-        super().__init__(cfg, spec)
-        if spec is None:
-            raise ValueError(f"{self.name} needs the model spec")
-        self.weight_keys = [layer.weight_key for layer in spec.layers]
-        self.param_keys = list(spec.param_keys)
-        self.mask: M.Mask | None = None  # both sides: None = Phase 0
-        self.velocity: dict | None = None
-        self._publish = False
 
-    # ---------------------------------------------------------------- driver side
+@dataclass
+class PrunedServerState:
+    mask: dict | None = None  # None: Phase 0
+    velocity: dict | None = None
+
+
+class PrunedPlanner(Planner):
+    State = MaskState
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.param_keys = list(ctx.spec.param_keys)
+        self._sub: Submodel | None = None
+
     def density(self) -> float:
-        if self.mask is None:
+        mask = self.state.mask
+        if mask is None:
             return 1.0
-        kept = sum(int(self.mask[k].sum()) for k in self.param_keys)
-        return kept / sum(int(np.prod(self.spec.shapes[k])) for k in self.param_keys)
+        kept = sum(int(mask[k].sum()) for k in self.param_keys)
+        return kept / sum(int(np.prod(self.ctx.spec.shapes[k])) for k in self.param_keys)
 
     def plan(self, client_id: int, version: int) -> Assignment:
         c = int(client_id)
-        if self.mask is None:
-            return Assignment(client_id=c, local_epochs=self.params.explore_epochs, early_stop=True,
+        if self.state.mask is None:
+            return Assignment(client_id=c, local_epochs=self.params.explore_epochs, client=(("explore", True),),
                               info=(("phase", 0), ("density", 1.0)))
-        return Assignment(client_id=c, mask=self.mask, download_mask=self.mask, send="delta",
+        if self._sub is None:
+            self._sub = Submodel(mask=self.state.mask, download=self.state.mask)
+        return Assignment(client_id=c, submodel=self._sub, send="delta",
                           info=(("phase", 1), ("density", self.density())))
 
-    def sync_from_server(self, state: Mapping) -> None:
-        if "mask" in state:
-            self.mask = {k: np.asarray(v, dtype=bool) for k, v in state["mask"].items()}
+    def receive(self, message: Mapping) -> None:
+        if "mask" in message:
+            self.state.mask = {k: np.asarray(v, dtype=bool) for k, v in message["mask"].items()}
+            self._sub = None
 
-    # ---------------------------------------------------------------- server side
+
+class PrunedServer(Server):
+    """Shared two-phase machinery (exploration round, then masked FL with server momentum)."""
+
+    State = PrunedServerState
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        spec = ctx.spec
+        self.weight_keys = [layer.weight_key for layer in spec.layers]
+        self.param_keys = list(spec.param_keys)
+
     def make_mask(self, base, explored) -> M.Mask:
         raise NotImplementedError
 
-    def aggregate(self, global_params, entries, version):
-        if self.mask is None:
-            self.mask = self.make_mask(global_params, [c.values for _, c in entries])
-            self._publish = True
-            return M.apply(global_params, self.mask)
-        contribs = [c for _, c in entries]
+    def aggregate(self, global_params, entries, record):
+        st, p = self.state, self.params
+        if st.mask is None:
+            st.mask = self.make_mask(global_params, [e.contribution.values for e in entries])
+            return Aggregation(M.apply(global_params, st.mask), message={"mask": st.mask})
+        contribs = [e.contribution for e in entries]
         zero = {k: np.zeros_like(v) for k, v in global_params.items()}
         mean_delta = rules.masked_mean(zero, contribs)
         target = {k: (global_params[k] + mean_delta[k]).astype(global_params[k].dtype, copy=False)
                   for k in global_params}
-        p = self.params
         trained = {k: target[k] for k in self.param_keys}
-        new, self.velocity = rules.momentum_step(global_params, trained, self.velocity, p.server_lr, p.momentum)
+        new, st.velocity = rules.momentum_step(global_params, trained, st.velocity, p.server_lr, p.momentum)
         for k in global_params:
             if k not in trained:
                 new[k] = target[k]
+        message = None
         if getattr(p, "refresh", False):
             g = refresh_guidance([c.values for c in contribs], keys=self.weight_keys)
-            self.mask = M.intersect(self.mask, hybrid_mask(self.spec, g, p.q, p.structured))
-            self._publish = True
-        return M.apply(new, self.mask)
-
-    def public_state(self, global_params, version):
-        if not self._publish:
-            return None
-        self._publish = False
-        return {"mask": self.mask}
-
-    def state_dict(self):
-        return {"mask": self.mask, "velocity": self.velocity, "publish": self._publish}
-
-    def load_state_dict(self, state):
-        self.mask, self.velocity, self._publish = state["mask"], state["velocity"], bool(state["publish"])
+            st.mask = M.intersect(st.mask, hybrid_mask(self.ctx.spec, g, p.q, p.structured))
+            message = {"mask": st.mask}
+        return Aggregation(M.apply(new, st.mask), message=message)
 
 
-@register
-class AutoFLIP(_Pruned):
-    name = "autoflip"
-    Params = FlipParams
+class ExplorationClient(ClientAlgorithm):
+    """Exploring copies stop at the first epoch whose mean training loss does not improve."""
 
+    def prepare(self, run):
+        run.scratch["best"] = np.inf
+
+    def end_epoch(self, run, mean_loss):
+        if not run.setting("explore", False):
+            return False
+        if mean_loss >= run.scratch["best"]:
+            return True
+        run.scratch["best"] = mean_loss
+        return False
+
+
+class AutoFLIPServer(PrunedServer):
     def make_mask(self, base, explored) -> M.Mask:
         g = guidance(base, explored, keys=self.weight_keys)
-        return hybrid_mask(self.spec, g, self.params.q, self.params.structured)
+        return hybrid_mask(self.ctx.spec, g, self.params.q, self.params.structured)
 
 
-@register
-class RandomPrune(_Pruned):
-    name = "random_prune"
-    Params = PruneParams
-
+class RandomPruneServer(PrunedServer):
     def make_mask(self, base, explored) -> M.Mask:
+        spec, p = self.ctx.spec, self.params
         g = guidance(base, explored, keys=self.weight_keys)
-        matched = M.density(hybrid_mask(self.spec, g, self.params.q, self.params.structured), base, self.weight_keys)
+        matched = M.density(hybrid_mask(spec, g, p.q, p.structured), base, self.weight_keys)
         mask = {k: np.ones(np.shape(v), dtype=bool) for k, v in base.items()}
-        mask.update(random_mask(base, matched, seeding.rng(self.cfg.seed, "mask", 0), self.weight_keys))
+        mask.update(random_mask(base, matched, seeding.rng(self.ctx.cfg.seed, "mask", 0), self.weight_keys))
         return mask
+
+
+@register
+class AutoFLIP(Method):
+    """Loss-exploration guided hybrid mask, FedAvg of deltas with server momentum."""
+
+    name = "autoflip"
+    paper = "AutoFLIP: loss-exploration guided hybrid pruning for federated learning (ALGORITHMS.md)"
+    schedule = "sync"
+    needs_spec = True
+    Params = FlipParams
+    Planner = PrunedPlanner
+    Server = AutoFLIPServer
+    Client = ExplorationClient
+
+
+@register
+class RandomPrune(AutoFLIP):
+    """Random mask at AutoFLIP's density (its baseline), same exploration round."""
+
+    name = "random_prune"
+    paper = "the random-pruning-at-equal-density baseline of AutoFLIP"
+    Params = PruneParams
+    Server = RandomPruneServer

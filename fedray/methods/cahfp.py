@@ -9,24 +9,23 @@ Each client ``k`` has a keep ratio ``r_k``:
   speed, fastest first, ties by id, split into ``len(ratios)`` near-equal
   groups; the fastest group gets the largest ratio).
 
-The device profiles are those of the run: the method draws them exactly as
-:func:`fedray.runtime.loop.prepare` does (``build_population`` from the
-``devices`` section and ``seeding.derive(seed, "devices")``), a pure function
-of the config.
+The device profiles are the run's (the planner's context).
 
-Client side (:meth:`fedray.client.actor.ClientWorker._curvature_keep` and the
-keep path): empirical-Fisher scores per structural group on
-``score_batches`` local mini-batches, keep the top ``ceil(r C_l)`` channels
-of every prunable layer, train the physically smaller model, scatter it back
-at the original indices and send it with its mask. Scores are recomputed at
-every dispatch. A client with ``r = 1`` trains the full model (no scoring).
+Client side (:class:`CAHFPClient`): empirical-Fisher scores per structural
+group on ``score_batches`` local mini-batches of the downloaded full model
+(:func:`fedray.pruning.curvature.fisher_and_grad`), keep the top
+``ceil(r C_l)`` channels of every prunable layer, train the physically smaller
+model, scatter it back at the original indices and send it with its mask and
+the kept channel indices (extra arrays ``kept/<layer>``, int32). Scores are
+recomputed at every dispatch. A client with ``r = 1`` trains the full model (no
+scoring).
 
-Costs: the compact model's training FLOPs per example come from the spec of
-the compact model built with :func:`fedray.models.spec.width_keep` sizes (the
-sizes -- hence FLOPs -- are the same whichever channels the client keeps);
-upload bytes are those of the slice encoding of such a mask (same sizes,
-same bytes); the client downloads the full model (it scores its channels on
-it).
+Costs (the submodel's): the compact model's training FLOPs per example come from
+the spec of the compact model of ``width_keep`` sizes (the sizes -- hence FLOPs
+and bytes -- are the same whichever channels the client keeps); the scoring pass
+costs a forward and backward pass of the full model on every scored example
+(``extra_flops``); the upload is the slice encoding of such a mask plus the kept
+indices; the client downloads the full model (it scores its channels on it).
 
 Server: per-coordinate masked mean weighted by example count
 (:func:`fedray.aggregation.rules.masked_mean`). Every dispatch records
@@ -34,92 +33,117 @@ Server: per-coordinate masked mean weighted by example count
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedray import config as C
+from fedray import seeding
 from fedray.aggregation import rules
-from fedray.config import POS, UNIT_POS, _f
 from fedray.errors import ConfigError
-from fedray.methods.base import Assignment, Method
-from fedray.methods.heterofl import speed_ratios
+from fedray.methods.base import Assignment, ClientAlgorithm, Method, Planner, Server
+from fedray.methods.heterofl import speed_ratios, tier_ratios
 from fedray.methods.registry import register
-from fedray.models.spec import build_compact, model_spec, width_keep
-from fedray.submodel.encode import payload_nbytes
-from fedray.submodel.width import keep_mask
+from fedray.models.spec import width_keep
+from fedray.params import POS, UNIT_POS, _f
+from fedray.pruning.curvature import fisher_and_grad, group_scores, keep_top
+from fedray.submodel.submodel import Extra, Submodel
 
-
-client_profiles = C.profiles  # the one draw of the devices of a run
+KEPT = "kept/"
 
 
 @dataclass(frozen=True)
-class CompactCost:
-    """Training FLOPs per example and upload bytes of a keep ratio's compact model."""
+class CAHFPParams:
+    ratios: tuple[float, ...] = _f((1.0, 0.8, 0.6, 0.4), check=UNIT_POS,
+                                   doc="keep ratios by speed rank, fastest group first")
+    tier_ratios: dict | None = _f(None, doc="keep ratio per device tier name (overrides ratios)")
+    score_batches: int = _f(4, check=POS, doc="local mini-batches used for the curvature scores")
 
-    train_flops_per_example: int
-    bytes_up: int
-    num_params: int
-
-
-def compact_cost(spec, model_name: str, options, ratio: float) -> CompactCost:
-    """Cost of a compact model keeping ``ceil(ratio C)`` channels of every prunable layer."""
-    keep = width_keep(spec, ratio)
-    num_classes = spec.layers[-1].out
-    with torch.random.fork_rng(devices=[]):  # building a module draws its initial weights
-        compact = build_compact(model_name, spec.input_shape, num_classes, options, spec, keep)
-    cspec = model_spec(compact, spec.input_shape)
-    state = compact.state_dict()
-    like = {k: np.broadcast_to(np.zeros((), dtype=state[k].detach().numpy().dtype), tuple(shape))
-            for k, shape in spec.shapes.items()}
-    return CompactCost(train_flops_per_example=cspec.train_flops(cspec.layer_names, 1),
-                       bytes_up=payload_nbytes(like, keep_mask(spec, like, keep)), num_params=cspec.num_params())
-
-
-@register
-class CAHFP(Method):
-    name = "cahfp"
-    feedback = False
-    schedule = "sync"
-
-    @dataclass(frozen=True)
-    class Params:
-        ratios: tuple[float, ...] = _f((1.0, 0.8, 0.6, 0.4), check=UNIT_POS,
-                                       doc="keep ratios by speed rank, fastest group first")
-        tier_ratios: dict | None = _f(None, doc="keep ratio per device tier name (overrides ratios)")
-        score_batches: int = _f(4, check=POS, doc="local mini-batches used for the curvature scores")
-
-    def __init__(self, cfg, spec=None):
-        super().__init__(cfg, spec)
-        if spec is None:
-            raise ValueError("cahfp needs the model spec")
-        p = self.params
-        if not p.ratios:
+    def __post_init__(self):
+        if not self.ratios:
             raise ConfigError("method.ratios", "needs at least one keep ratio")
-        profiles = client_profiles(cfg)
+
+
+def scored_examples(n: int, batch_size: int, score_batches: int) -> int:
+    """Examples the scoring pass runs: ``max(1, min(score_batches, ceil(n / batch_size)))`` batches."""
+    batches = max(1, min(score_batches, math.ceil(n / batch_size)))
+    return min(n, batches * batch_size)
+
+
+class CAHFPPlanner(Planner):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        p = self.params
         if p.tier_ratios is not None:
-            for tier, r in p.tier_ratios.items():
-                if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
-                    raise ConfigError(f"method.tier_ratios.{tier}", f"must be a number in (0, 1], got {r!r}")
-            missing = sorted({pr.tier for pr in profiles} - set(p.tier_ratios))
-            if missing:
-                raise ConfigError("method.tier_ratios", f"has no keep ratio for tier {missing[0]!r}")
-            self.ratio = [float(p.tier_ratios[pr.tier]) for pr in profiles]
+            self.ratio = [float(r) for r in tier_ratios(ctx.profiles, p.tier_ratios)]
         else:
-            self.ratio = [float(r) for r in speed_ratios([pr.speed for pr in profiles], p.ratios)]
-        self.costs = {r: compact_cost(spec, cfg.model.name, cfg.model.options, r) for r in sorted(set(self.ratio))
-                      if r < 1.0}
+            self.ratio = [float(r) for r in speed_ratios([pr.speed for pr in ctx.profiles], p.ratios)]
+        spec = ctx.spec
+        self._widths = {r: {layer: len(v) for layer, v in width_keep(spec, r).items()}
+                        for r in sorted(set(self.ratio)) if r < 1.0}
+        self._full_flops = ctx.model.train_flops_per_example()
 
     def plan(self, client_id: int, version: int) -> Assignment:
         c = int(client_id)
         r = self.ratio[c]
         if r >= 1.0:
             return Assignment(client_id=c, info=(("keep_ratio", 1.0),))
-        cost = self.costs[r]
-        return Assignment(client_id=c, keep_policy="curvature", keep_ratio=r, score_batches=self.params.score_batches,
-                          train_flops_per_example=cost.train_flops_per_example, bytes_up=cost.bytes_up,
-                          info=(("keep_ratio", r),))
+        widths = self._widths[r]
+        bounds = {g.layer: g.size for g in self.ctx.spec.groups}
+        extras = tuple(Extra(KEPT + layer, dtype="int32", shape=(n,), bound=bounds[layer])
+                       for layer, n in widths.items())
+        n = int(self.ctx.examples[c])
+        scoring = scored_examples(n, self.ctx.cfg.train.batch_size, self.params.score_batches) * self._full_flops
+        return Assignment(client_id=c, submodel=Submodel(widths=widths, extras=extras, extra_flops=scoring),
+                          client=(("keep_ratio", r),), info=(("keep_ratio", r),))
 
-    def aggregate(self, global_params, entries, version):
-        return rules.masked_mean(global_params, [c for _, c in entries])
+
+class CAHFPServer(Server):
+    def aggregate(self, global_params, entries, record):
+        return rules.masked_mean(global_params, [e.contribution for e in entries])
+
+
+class CAHFPClient(ClientAlgorithm):
+    """Scores channels by local empirical Fisher on the downloaded model and keeps the best."""
+
+    def choose(self, run):
+        sub = run.submodel
+        if sub.widths is None:
+            return sub
+        from fedray.client.trainer import load_params, to_device
+
+        spec = self.ctx.spec
+        model = run.model
+        load_params(model, run.download)
+        x, y, idx = run.data
+        rng = seeding.rng(run.seed, "mask")
+        order = idx[rng.permutation(len(idx))]
+        bs = run.batch_size
+        n_batches = max(1, min(self.params.score_batches, -(-len(order) // bs)))
+        batches = [(torch.from_numpy(x[order[i * bs:(i + 1) * bs]]).to(run.device),
+                    torch.from_numpy(y[order[i * bs:(i + 1) * bs]]).to(run.device)) for i in range(n_batches)]
+        to_device(model, run.device)
+        grad, fisher = fisher_and_grad(model, batches, run.loss)
+        keep = keep_top(spec, group_scores(spec, run.download, grad, fisher), run.setting("keep_ratio"))
+        run.scratch["keep"] = keep
+        return Submodel(keep=keep, extras=sub.extras, extra_flops=sub.extra_flops)
+
+    def finalize(self, run):
+        keep = run.scratch.get("keep")
+        return {} if keep is None else {KEPT + k: v.astype(np.int32) for k, v in keep.items()}
+
+
+@register
+class CAHFP(Method):
+    """Curvature-scored structured pruning, physically smaller client models, reconstruction."""
+
+    name = "cahfp"
+    paper = "CA-HFP: curvature-aware heterogeneous federated pruning (abstract only; our reading, ALGORITHMS.md)"
+    schedule = "sync"
+    feedback = False
+    needs_spec = True
+    Params = CAHFPParams
+    Planner = CAHFPPlanner
+    Server = CAHFPServer
+    Client = CAHFPClient

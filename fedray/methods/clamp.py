@@ -1,13 +1,13 @@
 """Depth family: CLAMP, MA-CLAMP, FedPMT and FedDrop.
 
-A client trains only its last ``d`` layers (:mod:`fedray.submodel.depth`):
-``Assignment.trainable`` holds their parameters and ``Assignment.mask`` their
-state-dict keys, so the loop counts the training FLOPs of those layers only
-(forward of the whole model, backward down to the first trained layer, see
-:meth:`fedray.models.spec.ModelSpec.train_flops`) and upload bytes of what the
-mask covers. Every dispatch records ``depth`` in the metrics table.
+A client trains only its last ``d`` layers (:mod:`fedray.submodel.depth`): the
+submodel's ``trainable`` holds their parameters and its ``mask`` their state-dict
+keys, so the training FLOPs are those of those layers only (forward of the whole
+model, backward down to the first trained layer, see
+:meth:`fedray.models.spec.ModelSpec.train_flops`) and the upload is what the mask
+covers. Every dispatch records ``depth`` in the metrics table.
 
-CLAMP / MA-CLAMP driver side (:class:`DepthPlanner`), per client:
+CLAMP / MA-CLAMP planner, per client (its state, :class:`DepthControl`):
 
 * a :class:`fedray.pruning.depth.DepthState`, starting at
   ``min(initial_depth, L)``;
@@ -20,8 +20,9 @@ CLAMP / MA-CLAMP driver side (:class:`DepthPlanner`), per client:
   Thresholds are recomputed at each of the client's observations from those
   (fixed) first times and the (growing) federation pool;
 * the 3-step hysteresis :func:`fedray.pruning.depth.depth_step` fed only by
-  the telemetry of finished updates (:meth:`Method.observe`):
-  ``telemetry["round_s"]`` is the predicted round time of the next round at
+  the telemetry of finished updates (:meth:`Planner.observe`):
+  ``telemetry["round_s"]`` -- the round time the device reported, measured in
+  ``devices.mode: real`` -- is the predicted round time of the next round at
   the current depth (our choice: the last reported round time -- the depth
   it was measured at is the current one unless a change was just applied),
   ``telemetry["battery"]`` below ``low_battery`` suggests a smaller depth.
@@ -33,13 +34,14 @@ Server side:
 * CLAMP: :func:`fedray.aggregation.rules.common_depth` -- only the layers
   every arrived client trained; BatchNorm statistics follow their layer.
 * MA-CLAMP: :func:`fedray.aggregation.rules.layerwise_threshold` with
-  ``rho`` and ``num_selected = |S|``; ``|S|`` is ``server.clients_per_round``
-  (the loop selects that many each round when enough clients are available;
-  at least the number of arrived updates), so dropped and late clients count
-  in ``|S|`` as the rule requires. Batch-norm running statistics are averaged
-  over all of S: MA-CLAMP masks also cover every BatchNorm buffer (frozen
-  layers update their running statistics in train mode), so every arrived
-  client sends them and they are averaged over all arrivals.
+  ``rho`` and ``|S|`` = the round's selected set (the round record: dropped and
+  late clients count in ``|S|``, as the rule requires). Batch-norm running
+  statistics are averaged over all of S: MA-CLAMP masks also cover every
+  BatchNorm buffer (frozen layers update their running statistics in train
+  mode), so every arrived client sends them and they are averaged over all
+  arrivals.
+* Both report per update the share of its trained layers that was aggregated
+  (:func:`fedray.aggregation.rules.layer_inclusion`; ``sdir_layers``).
 * FedPMT (fixed ``depth``) and FedDrop (depth uniform in ``1..L`` per
   dispatch, drawn from ``seeding.rng(seed, "mask", version, client)``):
   per-coordinate masked mean (:func:`fedray.aggregation.rules.masked_mean`),
@@ -50,62 +52,69 @@ section's choice, not fixed here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedray import seeding
 from fedray.aggregation import rules
-from fedray.config import POS, UNIT, _f
 from fedray.errors import ConfigError
-from fedray.methods.base import Assignment, Method
+from fedray.methods.base import Aggregation, Assignment, Method, Planner, Server
 from fedray.methods.registry import register
+from fedray.params import POS, UNIT, _f
 from fedray.pruning.depth import DepthState, depth_step, feddrop_depth, fedpmt_depth, personal_thresholds
 from fedray.submodel.depth import depth_mask, depth_trainable
 from fedray.submodel.masks import Mask
+from fedray.submodel.submodel import Submodel
 from fedray.update import Update
 
-__all__ = ["shape_like", "DepthMethod", "DepthPlanner", "Clamp", "MaClamp", "FedPMT", "FedDrop"]
+__all__ = ["DepthPlanner", "DepthControl", "DepthServer", "Clamp", "MaClamp", "FedPMT", "FedDrop"]
 
 
-def shape_like(spec) -> dict[str, np.ndarray]:
-    """Zero-memory stand-ins (read-only broadcast views) with the shapes of every
-    state-dict key of ``spec``: enough to build masks without the parameters."""
-    return {k: np.broadcast_to(np.zeros((), dtype=bool), tuple(shape)) for k, shape in spec.shapes.items()}
+def _bn_stats(spec) -> list[str]:
+    buffers = set(spec.buffer_keys)
+    return [k for layer in spec.layers for k in layer.bn_keys if k in buffers]
 
 
-class DepthMethod(Method):
-    """Base of the depth family: plans ``Assignment``s for a depth ``d``."""
+class DepthPlanner(Planner):
+    """Plans the depth-``d`` submodel; subclasses say which ``d``."""
 
-    schedule = "sync"
+    with_bn_stats = False  # masks also cover every BatchNorm buffer (MA-CLAMP)
 
-    def __init__(self, cfg, spec=None):
-        super().__init__(cfg, spec)
-        if spec is None:
-            raise ValueError(f"{self.name} needs the model spec")
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        spec = ctx.spec
         self.L = spec.L
-        self.like = shape_like(spec)
-        self.layers = [list(layer.keys) for layer in spec.layers]
-        buffers = set(spec.buffer_keys)
-        self.bn_stats = [k for layer in spec.layers for k in layer.bn_keys if k in buffers]
-        self._masks: dict[int, Mask] = {}
+        self._like = {k: np.broadcast_to(np.zeros((), dtype=bool), tuple(s)) for k, s in spec.shapes.items()}
+        self._submodels: dict[int, Submodel] = {}
 
     def mask_for(self, d: int) -> Mask:
-        """The depth-``d`` mask (cached per depth)."""
-        if d not in self._masks:
-            self._masks[d] = depth_mask(self.spec, self.like, d)
-        return self._masks[d]
+        return self.submodel(d).mask
+
+    def submodel(self, d: int) -> Submodel:
+        """The depth-``d`` submodel (cached per depth)."""
+        if d not in self._submodels:
+            spec = self.ctx.spec
+            m = dict(depth_mask(spec, self._like, d))
+            if self.with_bn_stats:  # every client reports the running statistics of all its BN layers
+                for k in _bn_stats(spec):
+                    m.setdefault(k, np.ones(np.shape(self._like[k]), dtype=bool))
+            self._submodels[d] = Submodel(trainable=depth_trainable(spec, d), mask=m)
+        return self._submodels[d]
 
     def depth_of(self, client_id: int, version: int) -> int:
         raise NotImplementedError
 
     def plan(self, client_id: int, version: int) -> Assignment:
         d = self.depth_of(int(client_id), int(version))
-        return Assignment(client_id=int(client_id), trainable=depth_trainable(self.spec, d), mask=self.mask_for(d),
-                          info=(("depth", d),))
+        return Assignment(client_id=int(client_id), submodel=self.submodel(d), info=(("depth", d),))
 
-    def aggregate(self, global_params, entries, version):
-        return rules.masked_mean(global_params, [c for _, c in entries])
+
+class DepthServer(Server):
+    """Per-coordinate masked mean: each layer averaged over the clients that trained it."""
+
+    def aggregate(self, global_params, entries, record):
+        return rules.masked_mean(global_params, [e.contribution for e in entries])
 
 
 # ------------------------------------------------------------------ CLAMP / MA-CLAMP
@@ -123,107 +132,140 @@ class ClampParams:
                                   doc="threshold target: median first round time of the federation, or the client's own")
 
 
-class DepthPlanner:
+@dataclass
+class DepthControl:
+    """The CLAMP planner's state: each client's controller, its first observed round times
+    and the federation pool of first round times (one per client)."""
+
+    states: dict = field(default_factory=dict)
+    first: dict = field(default_factory=dict)
+    pool: dict = field(default_factory=dict)
+
+
+class ClampPlanner(DepthPlanner):
     """Per-client CLAMP depth controller, fed only by update telemetry."""
 
-    def __init__(self, L: int, p: ClampParams):
-        self.L, self.p = L, p
-        self.d0 = min(p.initial_depth, L)
-        self.states: dict[int, DepthState] = {}
-        self.first: dict[int, list[float]] = {}  # each client's first observed round times
-        self.pool: dict[int, float] = {}  # each client's first observed round time (federation reference)
+    State = DepthControl
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.d0 = min(self.params.initial_depth, self.L)
 
     def depth(self, client_id: int) -> int:
-        return self.states.get(client_id, DepthState(self.d0)).depth
-
-    def thresholds(self, client_id: int) -> tuple[float, float]:
-        ref = None if self.p.threshold_reference == "own" else float(np.median(list(self.pool.values())))
-        return personal_thresholds(self.first[client_id], ref, margin=self.p.margin)
-
-    def observe(self, client_id: int, telemetry: dict) -> DepthState:
-        t = telemetry.get("round_s")
-        state = self.states.get(client_id, DepthState(self.d0))
-        if t is None or not np.isfinite(t) or t <= 0:
-            return state
-        first = self.first.setdefault(client_id, [])
-        if len(first) < self.p.calibration_rounds:
-            first.append(float(t))
-            self.pool.setdefault(client_id, float(t))
-            if len(first) < self.p.calibration_rounds:
-                return state
-        t_low, t_high = self.thresholds(client_id)
-        state = depth_step(state, float(t), t_low, t_high, self.L, battery_level=telemetry.get("battery"),
-                           low_battery=self.p.low_battery, patience=self.p.patience)
-        self.states[client_id] = state
-        return state
-
-
-class _ClampBase(DepthMethod):
-    Params = ClampParams
-
-    def __init__(self, cfg, spec=None):
-        super().__init__(cfg, spec)
-        self.planner = DepthPlanner(self.L, self.params)
+        return self.state.states.get(client_id, DepthState(self.d0)).depth
 
     def depth_of(self, client_id: int, version: int) -> int:
-        return self.planner.depth(client_id)
+        return self.depth(client_id)
+
+    def thresholds(self, client_id: int) -> tuple[float, float]:
+        s = self.state
+        ref = None if self.params.threshold_reference == "own" else float(np.median(list(s.pool.values())))
+        return personal_thresholds(s.first[client_id], ref, margin=self.params.margin)
 
     def observe(self, header: Update) -> None:
-        self.planner.observe(int(header.client_id), header.telemetry or {})
+        c, telemetry, p, s = int(header.client_id), header.telemetry or {}, self.params, self.state
+        t = telemetry.get("round_s")
+        state = s.states.get(c, DepthState(self.d0))
+        if t is None or not np.isfinite(t) or t <= 0:
+            return
+        first = s.first.setdefault(c, [])
+        if len(first) < p.calibration_rounds:
+            first.append(float(t))
+            s.pool.setdefault(c, float(t))
+            if len(first) < p.calibration_rounds:
+                return
+        t_low, t_high = self.thresholds(c)
+        s.states[c] = depth_step(state, float(t), t_low, t_high, self.L, battery_level=telemetry.get("battery"),
+                                 low_battery=p.low_battery, patience=p.patience)
+
+
+class _LayerServer(Server):
+    """CLAMP / MA-CLAMP: a layer rule and each update's layer inclusion."""
+
+    with_bn_stats = False
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        spec = ctx.spec
+        self.layers = [list(layer.keys) for layer in spec.layers]
+        self.bn_stats = _bn_stats(spec) if self.with_bn_stats else []
+
+    def threshold(self, record, n: int) -> int:
+        raise NotImplementedError
+
+    def rule(self, global_params, contribs, record):
+        raise NotImplementedError
+
+    def aggregate(self, global_params, entries, record):
+        contribs = [e.contribution for e in entries]
+        new = self.rule(global_params, contribs, record)
+        share = rules.layer_inclusion(global_params, contribs, self.layers, self.threshold(record, len(contribs)),
+                                      self.bn_stats)
+        return Aggregation(new, included={e.dispatch_id: x for e, x in zip(entries, share)})
+
+
+class ClampServer(_LayerServer):
+    def threshold(self, record, n):
+        return n
+
+    def rule(self, global_params, contribs, record):
+        return rules.common_depth(global_params, contribs, self.layers)
+
+
+def selected_count(record, arrived: int) -> int:
+    """``|S|`` of a round: its selected set (the arrivals when the record has none)."""
+    return record.num_selected if record.num_selected else arrived
+
+
+class MaClampServer(_LayerServer):
+    with_bn_stats = True
+
+    def threshold(self, record, n):
+        return rules.participation_threshold(self.params.rho, selected_count(record, n))
+
+    def rule(self, global_params, contribs, record):
+        return rules.layerwise_threshold(global_params, contribs, self.layers, self.params.rho,
+                                         num_selected=selected_count(record, len(contribs)), bn_keys=self.bn_stats)
+
+
+class MaClampPlanner(ClampPlanner):
+    with_bn_stats = True
 
 
 @register
-class Clamp(_ClampBase):
+class Clamp(Method):
     """CLAMP: adaptive depth per client; the server averages only the common depth."""
 
     name = "clamp"
-
-    def aggregate(self, global_params, entries, version):
-        return rules.common_depth(global_params, [c for _, c in entries], self.layers)
+    paper = "CLAMP: depth pruning for stragglers (ALGORITHMS.md)"
+    schedule = "sync"
+    needs_spec = True
+    Params = ClampParams
+    Planner = ClampPlanner
+    Server = ClampServer
 
 
 @register
-class MaClamp(_ClampBase):
+class MaClamp(Clamp):
     """MA-CLAMP: adaptive depth per client; each layer is averaged over the clients that
     trained it when they are at least ``max(1, floor(rho |S|))``; BN statistics over all of S."""
 
     name = "ma_clamp"
+    paper = "MA-CLAMP: participation-threshold aggregation for depth-pruned stragglers (ALGORITHMS.md)"
+    Planner = MaClampPlanner
+    Server = MaClampServer
 
     @dataclass(frozen=True)
     class Params(ClampParams):
         rho: float = _f(0.5, check=UNIT, doc="participation threshold: a layer needs max(1, floor(rho |S|)) trainers")
 
-    def mask_for(self, d: int) -> Mask:
-        if d not in self._masks:
-            m = dict(depth_mask(self.spec, self.like, d))
-            for k in self.bn_stats:  # every client reports the running statistics of all its BN layers
-                m.setdefault(k, np.ones(np.shape(self.like[k]), dtype=bool))
-            self._masks[d] = m
-        return self._masks[d]
-
-    def aggregate(self, global_params, entries, version):
-        contribs = [c for _, c in entries]
-        selected = max(len(contribs), self.cfg.server.clients_per_round)
-        return rules.layerwise_threshold(global_params, contribs, self.layers, self.params.rho,
-                                         num_selected=selected, bn_keys=self.bn_stats)
-
 
 # ------------------------------------------------------------------ FedPMT / FedDrop
 
 
-@register
-class FedPMT(DepthMethod):
-    """FedPMT: every client trains the same fixed number of last layers."""
-
-    name = "fedpmt"
-    feedback = False
-
-    @dataclass(frozen=True)
-    class Params:
-        depth: int = _f(1, check=POS, doc="number of last layers every client trains")
-
-    def __init__(self, cfg, spec=None):
-        super().__init__(cfg, spec)
+class FedPMTPlanner(DepthPlanner):
+    def __init__(self, ctx):
+        super().__init__(ctx)
         if self.params.depth > self.L:
             raise ConfigError("method.depth", f"must be <= the model's {self.L} layers, got {self.params.depth}")
 
@@ -231,13 +273,36 @@ class FedPMT(DepthMethod):
         return fedpmt_depth(self.L, self.params.depth)
 
 
+class FedDropPlanner(DepthPlanner):
+    def depth_of(self, client_id: int, version: int) -> int:
+        return feddrop_depth(seeding.rng(self.ctx.seed, "mask", version, client_id), self.L)
+
+
 @register
-class FedDrop(DepthMethod):
+class FedPMT(Method):
+    """FedPMT: every client trains the same fixed number of last layers."""
+
+    name = "fedpmt"
+    paper = "FedPMT: static-depth partial model training (ALGORITHMS.md)"
+    schedule = "sync"
+    feedback = False
+    needs_spec = True
+    Planner = FedPMTPlanner
+    Server = DepthServer
+
+    @dataclass(frozen=True)
+    class Params:
+        depth: int = _f(1, check=POS, doc="number of last layers every client trains")
+
+
+@register
+class FedDrop(Method):
     """FedDrop: a depth drawn uniformly from ``1..L`` for every dispatch."""
 
     name = "feddrop"
+    paper = "FedDrop: random-depth partial model training (ALGORITHMS.md)"
+    schedule = "sync"
     feedback = False
-
-    def depth_of(self, client_id: int, version: int) -> int:
-        return feddrop_depth(seeding.rng(self.cfg.seed, "mask", version, client_id), self.L)
-
+    needs_spec = True
+    Planner = FedDropPlanner
+    Server = DepthServer

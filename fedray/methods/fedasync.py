@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedray.aggregation import rules
-from fedray.config import UNIT_POS, _f
-from fedray.methods.async_common import AsyncMethod, AsyncParams
+from fedray.methods.async_common import AsyncParams, AsyncPlanner, AsyncServer
+from fedray.methods.base import Method
 from fedray.methods.registry import register
+from fedray.params import UNIT_POS, _f
 
 
 def masked_target(global_params, contribution: rules.Contribution) -> dict[str, np.ndarray]:
@@ -36,23 +37,31 @@ def masked_target(global_params, contribution: rules.Contribution) -> dict[str, 
     return out
 
 
-@register
-class FedAsync(AsyncMethod):
-    name = "fedasync"
-    schedule = "async"
-
-    @dataclass(frozen=True)
-    class Params(AsyncParams):
-        alpha: float = _f(0.6, check=UNIT_POS, doc="mixing rate; a_s = alpha * s(staleness)")
-
+class FedAsyncServer(AsyncServer):
     def trigger(self, pending: int) -> bool:
         return pending >= 1
 
     def mixing_rate(self, version: int, base_version: int) -> float:
         return self.params.alpha * self.staleness_weight(version, base_version)
 
-    def aggregate(self, global_params, entries, version):
+    def aggregate(self, global_params, entries, record):
         theta = global_params
-        for header, c in entries:
-            theta = rules.mix(theta, masked_target(theta, c), self.mixing_rate(version, header.base_version))
+        for e in entries:
+            theta = rules.mix(theta, masked_target(theta, e.contribution),
+                              self.mixing_rate(record.version, e.base_version))
         return theta
+
+
+@register
+class FedAsync(Method):
+    """Mix every arrival at once, alpha x s(staleness)."""
+
+    name = "fedasync"
+    paper = "Xie, Koyejo, Gupta, Asynchronous Federated Optimization, 2019 (arXiv:1903.03934)"
+    schedule = "async"
+    Planner = AsyncPlanner
+    Server = FedAsyncServer
+
+    @dataclass(frozen=True)
+    class Params(AsyncParams):
+        alpha: float = _f(0.6, check=UNIT_POS, doc="mixing rate; a_s = alpha * s(staleness)")

@@ -8,6 +8,9 @@ from fedray.methods.registry import register
 
 @register
 class FedAvg(Method):
+    """Sample m clients per round, full model, mean weighted by examples."""
+
     name = "fedavg"
+    paper = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017"
     schedule = "sync"
     feedback = False

@@ -19,29 +19,62 @@ Conventions (ours):
 - Optional server momentum (``server_momentum = beta > 0``): with ``T`` the
   FedBuff target above, :func:`fedray.aggregation.rules.momentum_step` with
   ``lr = 1`` gives ``v <- beta v + (theta - T)``, ``theta <- theta - v``
-  (so ``beta = 0`` is plain FedBuff). The velocity is server state and is
-  checkpointed through :meth:`state_dict`.
+  (so ``beta = 0`` is plain FedBuff). The velocity is the server's state
+  (checkpointed with it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
 from fedray.aggregation import rules
 from fedray.aggregation.staleness import STALENESS
-from fedray.config import POS, _f
-from fedray.methods.async_common import AsyncMethod, AsyncParams
-from fedray.methods.base import Assignment
+from fedray.methods.async_common import AsyncParams, AsyncPlanner, AsyncServer
+from fedray.methods.base import Assignment, Method
 from fedray.methods.registry import register
+from fedray.params import POS, _f
 
 MOMENTUM = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+@dataclass
+class Velocity:
+    """Server momentum buffer (None before the first step)."""
+
+    velocity: dict | None = None
+
+
+class FedBuffPlanner(AsyncPlanner):
+    def plan(self, client_id: int, version: int) -> Assignment:
+        return Assignment(client_id=int(client_id), send="delta")
+
+
+class FedBuffServer(AsyncServer):
+    State = Velocity
+
+    def trigger(self, pending: int) -> bool:
+        return pending >= self.params.buffer_size
+
+    def aggregate(self, global_params, entries, record):
+        deltas = [rules.Contribution(e.contribution.values, e.contribution.mask,
+                                     self.staleness_weight(record.version, e.base_version)) for e in entries]
+        target = rules.apply_delta_mean(global_params, deltas, self.params.server_lr)
+        beta = self.params.server_momentum
+        if beta == 0.0:
+            return target
+        new, self.state.velocity = rules.momentum_step(global_params, target, self.state.velocity, 1.0, beta)
+        return new
+
+
 @register
-class FedBuff(AsyncMethod):
+class FedBuff(Method):
+    """Buffer K deltas weighted by 1/sqrt(1+staleness), then theta += eta_g * mean."""
+
     name = "fedbuff"
+    paper = "Nguyen et al., Federated Learning with Buffered Asynchronous Aggregation, AISTATS 2022"
     schedule = "async"
+    Planner = FedBuffPlanner
+    Server = FedBuffServer
 
     @dataclass(frozen=True)
     class Params(AsyncParams):
@@ -50,29 +83,5 @@ class FedBuff(AsyncMethod):
         server_lr: float = _f(1.0, check=POS, doc="eta_g: server learning rate")
         server_momentum: float = _f(0.0, check=MOMENTUM, doc="server momentum beta (0: none)")
 
-    def __init__(self, cfg, spec=None):
-        super().__init__(cfg, spec)
-        self.velocity: dict[str, np.ndarray] | None = None
 
-    def plan(self, client_id: int, version: int) -> Assignment:
-        return Assignment(client_id=int(client_id), send="delta")
-
-    def trigger(self, pending: int) -> bool:
-        return pending >= self.params.buffer_size
-
-    def aggregate(self, global_params, entries, version):
-        deltas = [rules.Contribution(c.values, c.mask, self.staleness_weight(version, h.base_version))
-                  for h, c in entries]
-        target = rules.apply_delta_mean(global_params, deltas, self.params.server_lr)
-        beta = self.params.server_momentum
-        if beta == 0.0:
-            return target
-        new, self.velocity = rules.momentum_step(global_params, target, self.velocity, 1.0, beta)
-        return new
-
-    def state_dict(self):
-        return {"velocity": self.velocity}
-
-    def load_state_dict(self, state) -> None:
-        v = state.get("velocity")
-        self.velocity = None if v is None else {k: np.array(a) for k, a in v.items()}
+__all__ = ["FedBuff", "FedBuffPlanner", "FedBuffServer", "Velocity"]

@@ -19,29 +19,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedray.aggregation import rules
-from fedray.config import POS, UNIT_POS, _f
-from fedray.methods.async_common import AsyncMethod, AsyncParams
+from fedray.methods.async_common import AsyncParams, AsyncPlanner, AsyncServer
+from fedray.methods.base import Method
 from fedray.methods.registry import register
+from fedray.params import POS, UNIT_POS, _f
+
+
+class FedFixPlanner(AsyncPlanner):
+    def interval_s(self) -> float:
+        return float(self.params.interval_s)
+
+
+class FedFixServer(AsyncServer):
+    def aggregate(self, global_params, entries, record):
+        weighted = [rules.Contribution(e.contribution.values, e.contribution.mask,
+                                       e.contribution.weight * self.staleness_weight(record.version, e.base_version))
+                    for e in entries]
+        target = rules.masked_mean(global_params, weighted)
+        return rules.mix(global_params, target, self.params.server_mix)
 
 
 @register
-class FedFix(AsyncMethod):
+class FedFix(Method):
+    """Aggregate whatever arrived every interval_s virtual seconds."""
+
     name = "fedfix"
+    paper = "the fixed-interval asynchronous baseline PR-FL is compared with"
     schedule = "interval"
+    Planner = FedFixPlanner
+    Server = FedFixServer
 
     @dataclass(frozen=True)
     class Params(AsyncParams):
         interval_s: float = _f(60.0, check=POS, doc="virtual seconds between aggregations")
         server_mix: float = _f(1.0, check=UNIT_POS, doc="eta: theta <- (1 - eta) theta + eta W")
-
-    def interval_s(self) -> float:
-        return float(self.params.interval_s)
-
-    def trigger(self, pending: int) -> bool:
-        return False  # only the interval tick aggregates
-
-    def aggregate(self, global_params, entries, version):
-        weighted = [rules.Contribution(c.values, c.mask, c.weight * self.staleness_weight(version, h.base_version))
-                    for h, c in entries]
-        target = rules.masked_mean(global_params, weighted)
-        return rules.mix(global_params, target, self.params.server_mix)

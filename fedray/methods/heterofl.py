@@ -6,18 +6,17 @@ Driver side. Each client gets a width ratio ``beta`` from ``ratios``
 - ``assign: speed`` (default): clients are ranked by device speed (fastest
   first, ties by client id) and split into ``len(ratios)`` consecutive groups,
   of equal size by default or of the sizes given by ``proportions``
-  (fractions, largest ratio first); the fastest group trains the widest model.
-  The device profiles are rebuilt here from the same config and seed as the
-  driver loop's (:func:`fedray.devices.profile.build_population`), so they are
-  the same profiles.
+  (fractions, largest ratio first); the fastest group trains the widest model
+  (the run's device profiles, from the planner's context).
 - ``assign: tier``: ``tier_ratios`` maps every device tier name to its ratio.
 
 The client trains the physically smaller model ``width_keep(spec, beta)``
 (the first ``ceil(beta C)`` channels of every prunable layer, inputs and
 outputs) with hidden-layer outputs scaled by ``1/beta`` during training
-(HeteroFL's scaler, ``hidden_scale = beta``); it downloads and sends exactly
-that slice (``mask = download_mask =`` the slice's mask). Training FLOPs are
-those of the compact model.
+(HeteroFL's scaler, the client algorithm's ``scale`` setting); it downloads and
+sends exactly that slice (``mask = download =`` the slice's mask). Training
+FLOPs are those of the compact model (and so are its sparse-kernel FLOPs: a
+physically smaller model runs dense kernels).
 
 Server side: masked mean per coordinate over the clients whose slice covers it
 (:func:`fedray.aggregation.rules.width_sliced_mean`); coordinates nobody
@@ -42,13 +41,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
-from fedray import config as C
 from fedray.aggregation import rules
-from fedray.config import UNIT_POS, _f
 from fedray.errors import ConfigError
-from fedray.methods.base import Assignment, Method
+from fedray.methods.base import Assignment, ClientAlgorithm, Method, Planner, Server
 from fedray.methods.registry import register
+from fedray.params import UNIT_POS, _f
+from fedray.submodel.submodel import Submodel
 from fedray.submodel.width import width_submodel
 
 DEFAULT_RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -78,96 +78,113 @@ def speed_ratios(speeds, ratios, proportions=None) -> np.ndarray:
     return out
 
 
-@register
-class HeteroFL(Method):
-    name = "heterofl"
-    feedback = False
-    schedule = "sync"
+def tier_ratios(profiles, mapping, field: str = "method.tier_ratios") -> np.ndarray:
+    """Ratio per client from ``{tier name: ratio}``; every tier of the population needs one."""
+    for tier, r in mapping.items():
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise ConfigError(f"{field}.{tier}", f"must be a ratio in (0, 1], got {r!r}")
+    missing = sorted({q.tier for q in profiles} - set(mapping))
+    if missing:
+        raise ConfigError(field, f"no ratio for device tier(s) {', '.join(missing)}")
+    return np.array([float(mapping[q.tier]) for q in profiles])
 
-    @dataclass(frozen=True)
-    class Params:
-        ratios: tuple[float, ...] = _f(DEFAULT_RATIOS, check=UNIT_POS, doc="width ratios beta")
-        assign: str = _f("speed", choices=("speed", "tier"), doc="how a client gets its ratio")
-        proportions: tuple[float, ...] | None = _f(None, check=UNIT_POS,
-                                                   doc="speed: fraction of clients per ratio (largest first)")
-        tier_ratios: dict = _f(factory=dict, doc="tier: {tier name: ratio}")
-        weight: str = _f("examples", choices=("examples", "count"), doc="masked-mean weight per client")
-        bn_stats: str = _f("static", choices=("static", "mean"), doc="BatchNorm running statistics")
 
-        def __post_init__(self):
-            if not self.ratios:
-                raise ConfigError("method.ratios", "needs at least one ratio")
-            if len(set(self.ratios)) != len(self.ratios):
-                raise ConfigError("method.ratios", f"ratios must be distinct, got {list(self.ratios)}")
-            for r in self.ratios:
-                if not 0 < r <= 1:
-                    raise ConfigError("method.ratios", f"must be in (0, 1], got {r!r}")
-            if self.proportions is not None:
-                if len(self.proportions) != len(self.ratios):
-                    raise ConfigError("method.proportions", f"needs one fraction per ratio ({len(self.ratios)}), "
-                                                            f"got {len(self.proportions)}")
-                if not math.isclose(sum(self.proportions), 1.0, abs_tol=1e-6):
-                    raise ConfigError("method.proportions", f"fractions must sum to 1, got {sum(self.proportions):g}")
-            for tier, r in self.tier_ratios.items():
-                if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
-                    raise ConfigError(f"method.tier_ratios.{tier}", f"must be a ratio in (0, 1], got {r!r}")
-            if self.assign == "tier" and not self.tier_ratios:
-                raise ConfigError("method.tier_ratios", "assign: tier needs a {tier name: ratio} mapping")
+@dataclass(frozen=True)
+class HeteroFLParams:
+    ratios: tuple[float, ...] = _f(DEFAULT_RATIOS, check=UNIT_POS, doc="width ratios beta")
+    assign: str = _f("speed", choices=("speed", "tier"), doc="how a client gets its ratio")
+    proportions: tuple[float, ...] | None = _f(None, check=UNIT_POS,
+                                               doc="speed: fraction of clients per ratio (largest first)")
+    tier_ratios: dict = _f(factory=dict, doc="tier: {tier name: ratio}")
+    weight: str = _f("examples", choices=("examples", "count"), doc="masked-mean weight per client")
+    bn_stats: str = _f("static", choices=("static", "mean"), doc="BatchNorm running statistics")
 
-    def __init__(self, cfg, spec=None):
-        super().__init__(cfg, spec)
-        if spec is None:
-            raise ValueError("heterofl needs the model spec")
-        self._ratio_of: np.ndarray | None = None
-        self._slices: dict[float, tuple] = {}
-        self._stat_keys = frozenset(spec.buffer_keys)
+    def __post_init__(self):
+        if not self.ratios:
+            raise ConfigError("method.ratios", "needs at least one ratio")
+        if len(set(self.ratios)) != len(self.ratios):
+            raise ConfigError("method.ratios", f"ratios must be distinct, got {list(self.ratios)}")
+        for r in self.ratios:
+            if not 0 < r <= 1:
+                raise ConfigError("method.ratios", f"must be in (0, 1], got {r!r}")
+        if self.proportions is not None:
+            if len(self.proportions) != len(self.ratios):
+                raise ConfigError("method.proportions", f"needs one fraction per ratio ({len(self.ratios)}), "
+                                                        f"got {len(self.proportions)}")
+            if not math.isclose(sum(self.proportions), 1.0, abs_tol=1e-6):
+                raise ConfigError("method.proportions", f"fractions must sum to 1, got {sum(self.proportions):g}")
+        for tier, r in self.tier_ratios.items():
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise ConfigError(f"method.tier_ratios.{tier}", f"must be a ratio in (0, 1], got {r!r}")
+        if self.assign == "tier" and not self.tier_ratios:
+            raise ConfigError("method.tier_ratios", "assign: tier needs a {tier name: ratio} mapping")
 
-    # ------------------------------------------------------------ driver
-    def _profiles(self):
-        return C.profiles(self.cfg)
 
-    def ratios_by_client(self) -> np.ndarray:
-        """Width ratio of every client id (computed once)."""
-        if self._ratio_of is None:
-            profiles = self._profiles()
-            p = self.params
-            if p.assign == "speed":
-                self._ratio_of = speed_ratios([q.speed for q in profiles], p.ratios, p.proportions)
-            else:
-                missing = sorted({q.tier for q in profiles} - set(p.tier_ratios))
-                if missing:
-                    raise ConfigError("method.tier_ratios", f"no ratio for device tier(s) {', '.join(missing)}")
-                self._ratio_of = np.array([float(p.tier_ratios[q.tier]) for q in profiles])
-        return self._ratio_of
+class HeteroFLPlanner(Planner):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        p = self.params
+        if p.assign == "speed":
+            self.ratio_of = speed_ratios([q.speed for q in ctx.profiles], p.ratios, p.proportions)
+        else:
+            self.ratio_of = tier_ratios(ctx.profiles, p.tier_ratios)
+        self._slices: dict[float, Submodel] = {}
 
     def ratio(self, client_id: int) -> float:
-        return float(self.ratios_by_client()[int(client_id)])
+        return float(self.ratio_of[int(client_id)])
 
-    def submodel(self, ratio: float) -> tuple[dict, dict, int]:
-        """``(keep, mask, train FLOPs per example)`` of the width-``ratio`` slice (cached)."""
+    def submodel(self, ratio: float) -> Submodel:
+        """The width-``ratio`` slice (cached)."""
         if ratio not in self._slices:
-            from fedray.models.spec import build_compact, model_spec
-
-            spec, m = self.spec, self.cfg.model
-            like = {k: np.zeros(s, np.float32) for k, s in spec.shapes.items()}
-            keep, mask = width_submodel(spec, like, ratio)
-            compact = build_compact(m.name, spec.input_shape, spec.layers[-1].out, m.options, spec, keep)
-            cspec = model_spec(compact, spec.input_shape)
-            self._slices[ratio] = (keep, mask, cspec.train_flops(cspec.layer_names, 1))
+            keep, mask = width_submodel(self.ctx.spec, self.ctx.model.like, ratio)
+            self._slices[ratio] = Submodel(mask=mask, download=mask, keep=keep)
         return self._slices[ratio]
 
     def plan(self, client_id: int, version: int) -> Assignment:
         r = self.ratio(client_id)
-        keep, mask, flops = self.submodel(r)
-        return Assignment(client_id=int(client_id), mask=mask, download_mask=mask, keep=keep, hidden_scale=r,
-                          train_flops_per_example=flops, info=(("width", r),))
+        return Assignment(client_id=int(client_id), submodel=self.submodel(r), client=(("scale", r),),
+                          info=(("width", r),))
 
-    # ------------------------------------------------------------ server
-    def aggregate(self, global_params, entries, version):
+
+class HeteroFLServer(Server):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._stat_keys = frozenset(ctx.spec.buffer_keys)
+
+    def aggregate(self, global_params, entries, record):
         count = self.params.weight == "count"
         static = self.params.bn_stats == "static"
         contribs = []
-        for _, c in entries:
+        for e in entries:
+            c = e.contribution
             mask = {k: m for k, m in c.mask.items() if not (static and k in self._stat_keys)}
             contribs.append(rules.Contribution(c.values, mask, 1.0 if count else c.weight))
         return rules.width_sliced_mean(global_params, contribs)
+
+
+class HeteroFLClient(ClientAlgorithm):
+    """HeteroFL's scaler: outputs of every layer but the last divided by ``beta`` while training."""
+
+    def prepare(self, run):
+        scale = run.setting("scale", 1.0)
+        if scale == 1.0:
+            return
+        layers = [m for m in run.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for m in layers[:-1]:
+            run.handles.append(m.register_forward_hook(lambda _m, _i, out: out / scale))
+
+
+@register
+class HeteroFL(Method):
+    """Width slices (first ceil(beta C) channels) by device speed, masked mean."""
+
+    name = "heterofl"
+    paper = "Diao, Ding, Tarokh, HeteroFL: Computation and Communication Efficient Federated Learning for " \
+            "Heterogeneous Clients, ICLR 2021"
+    schedule = "sync"
+    feedback = False
+    needs_spec = True
+    Params = HeteroFLParams
+    Planner = HeteroFLPlanner
+    Server = HeteroFLServer
+    Client = HeteroFLClient

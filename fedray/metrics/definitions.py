@@ -9,6 +9,14 @@ dispatches resolved there whose update was actually aggregated (event
 the windows that saw at least one slow dispatch, or 1.0 when no slow device
 was ever selected (nothing was excluded). ``slow_coverage`` is the mean over
 windows of the fraction of *all* slow devices that contributed in the window.
+
+SDIR counts an update as included even when the server then discarded some of its layers
+(CLAMP aggregates only the depth every client trained; MA-CLAMP only layers trained by
+enough clients). ``sdir_layers`` is the layer-level inclusion: per window, the layers the
+slow devices' resolved dispatches trained that were actually aggregated (``layers_included``
+of each row) over all the layers they trained (``layers``; a dropped or rejected dispatch
+trained its layers for nothing), and the mean over the windows that saw a slow dispatch
+(1.0 when no slow device was selected).
 """
 from __future__ import annotations
 
@@ -37,11 +45,25 @@ def sdir(df, slow_total: int) -> tuple[float, float]:
     return float(ratio.mean()), coverage
 
 
-def summarize(table: pa.Table, *, slow_total: int, target: float | None = None) -> dict:
-    """Derived summary metrics: SDIR, participation by tier, staleness, FLOPs per accuracy point."""
+def sdir_layers(df) -> float:
+    """Layer-level SDIR (see the module docstring) from ``event, slow, window, layers, layers_included``."""
+    if "layers" not in df.columns or len(df) == 0:
+        return 1.0
+    res = df[df["event"].isin(RESOLVED) & (df["slow"] == True)]  # noqa: E712
+    if len(res) == 0:
+        return 1.0
+    g = res.groupby("window")[["layers", "layers_included"]].sum()
+    g = g[g["layers"] > 0]
+    return float((g["layers_included"] / g["layers"]).mean()) if len(g) else 1.0
+
+
+def summarize(table: pa.Table, *, slow_total: int, metric: str = "accuracy") -> dict:
+    """Derived summary metrics: SDIR (update and layer level), participation by tier,
+    staleness, FLOPs per point of the task's primary metric."""
     df = table.to_pandas()
     out: dict = {}
     out["sdir"], out["slow_coverage"] = sdir(df, slow_total)
+    out["sdir_layers"] = sdir_layers(df)
     ups = df[df["event"] == "update"] if len(df) else df
     if "tier" in df.columns and len(df):
         disp = df[df["event"].isin(RESOLVED)].groupby("tier").size()
@@ -53,8 +75,8 @@ def summarize(table: pa.Table, *, slow_total: int, target: float | None = None) 
         out["staleness_hist"] = {str(k): int(v) for k, v in s.value_counts().sort_index().items()}
         out["staleness_mean"] = float(s.mean()) if len(s) else 0.0
     ev = df[df["event"] == "eval"] if len(df) else df
-    if len(ev):
-        best = float(ev["accuracy"].max())
+    if len(ev) and metric in ev.columns:
+        best = float(ev[metric].max())
         flops = float(df["train_flops"].fillna(0).sum())
         out["flops_per_accuracy_point"] = flops / (100 * best) if best > 0 else math.inf
     return out

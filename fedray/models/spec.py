@@ -437,26 +437,3 @@ def width_keep(spec: ModelSpec, ratio: float) -> dict[str, np.ndarray]:
         raise ValueError(f"width ratio must be in (0, 1], got {ratio}")
     # round() first so that e.g. 0.6 * 10 = 6.000000000000001 keeps 6, not 7
     return {g.layer: np.arange(max(1, math.ceil(round(ratio * g.size, 9))), dtype=np.int64) for g in spec.groups}
-
-
-def build_compact(name: str, input_shape: tuple[int, ...], num_classes: int, options: Mapping[str, Any] | None,
-                  spec: ModelSpec, keep: Keep) -> nn.Module:
-    """A physically smaller model whose state-dict shapes equal ``spec.compact_shapes(keep)``.
-
-    ``name``, ``options`` are those the full model (described by ``spec``) was
-    built with. Weights are freshly initialised; load ``extract(...)`` into it.
-    """
-    from fedray.models.zoo import build_model
-
-    opts = dict(options or {})
-    if "width_ratio" in opts:
-        raise ValueError("build_compact takes the options of the full model; drop 'width_ratio'")
-    widths = dict(opts.get("widths") or {})
-    widths.update({layer: int(np.unique(np.asarray(kept)).size) for layer, kept in keep.items()})
-    opts["widths"] = widths
-    expected = spec.compact_shapes(keep)
-    model = build_model(name, input_shape, num_classes, options=opts)
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if got != expected:
-        raise ValueError(f"compact '{name}' does not match the spec (was it built with other options?)")
-    return model

@@ -1,8 +1,9 @@
 """Model zoo: ``mlp``, ``cnn``, ``vgg11`` and ``resnet18`` (CIFAR variants).
 
-``build_model(name, input_shape, num_classes, options=...)`` returns a freshly
-initialised ``nn.Module``. Initialisation uses PyTorch's default initialisers
-only, so it is fully determined by ``torch.manual_seed``; nothing is downloaded.
+``fedray.models.factory.build_model(name, input_shape, num_classes, options=...)`` returns a
+freshly initialised ``nn.Module`` (a zoo name or a user model's import path). Initialisation
+uses PyTorch's default initialisers only, so it is fully determined by ``torch.manual_seed``;
+nothing is downloaded.
 
 Every model names its weight-carrying modules stably (``layers.0``,
 ``convs.1``, ``features.4``, ``layer3.1.conv1`` ...) because state-dict keys are
@@ -18,7 +19,7 @@ Options shared by every model:
     ``{layer_name: n}`` explicit output size of prunable layers (a layer named
     by ``channel_links``). The next layer's input size follows automatically.
     This is how physically smaller submodels are built
-    (:func:`fedray.models.spec.build_compact`).
+    (:func:`fedray.models.factory.build_compact`).
 ``width_ratio``
     HeteroFL slice: every prunable layer keeps ``ceil(ratio x C)`` outputs
     (same rule as :func:`fedray.models.spec.width_keep`). Cannot be combined
@@ -349,33 +350,12 @@ MODELS: dict[str, Builder] = {
 }
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *,
-                options: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build model ``name`` for per-example ``input_shape`` (e.g. ``(1, 8, 8)``) and ``num_classes``.
-
-    Unknown names or options raise :class:`ConfigError` naming ``model.name`` /
-    ``model.options.<key>``. ``options['width_ratio']`` builds the HeteroFL
-    slice directly (see module docstring); the full-size model it is derived
-    from is built under :func:`torch.random.fork_rng`, so the global RNG
-    advances exactly as when building the narrower model itself.
-    """
+def build_zoo_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+                    options: Mapping[str, Any]) -> nn.Module:
+    """Build zoo model ``name`` (``options`` without ``width_ratio``, which
+    :func:`fedray.models.factory.build_model` resolves)."""
     if name not in MODELS:
         raise ConfigError("model.name", f"unknown model '{name}'; choose from: {', '.join(MODELS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError("data.num_classes", f"expected a positive integer, got {num_classes!r}")
-    opts = dict(options or {})
-    input_shape = tuple(int(s) for s in input_shape)
-    ratio = opts.pop("width_ratio", None)
-    if ratio is None:
-        return MODELS[name](input_shape, num_classes, opts)
-    ratio = _positive_float(ratio, "model.options.width_ratio")
-    if ratio > 1:
-        raise ConfigError("model.options.width_ratio", f"must be in (0, 1], got {ratio}")
-    if opts.get("widths"):
-        raise ConfigError("model.options.width_ratio", "cannot be combined with model.options.widths")
-    from fedray.models.spec import build_compact, model_spec, width_keep
-
-    with torch.random.fork_rng(devices=[]):
-        full = MODELS[name](input_shape, num_classes, opts)
-        spec = model_spec(full, input_shape)
-    return build_compact(name, input_shape, num_classes, opts, spec, width_keep(spec, ratio))
+    return MODELS[name](tuple(int(s) for s in input_shape), num_classes, dict(options))

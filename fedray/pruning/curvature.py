@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedray.models.spec import Index, ModelSpec, build_compact, extract, scatter
+from fedray.models.factory import build_compact
+from fedray.models.spec import Index, ModelSpec, extract, scatter
 from fedray.submodel.masks import Mask
 
 __all__ = ["fisher_and_grad", "group_scores", "keep_top", "compact_submodel", "reconstruct"]
@@ -130,7 +131,7 @@ def compact_submodel(spec: ModelSpec, model_name: str, input_shape: tuple[int, .
     """``(compact_module, compact_state, index)``.
 
     ``compact_state = extract(params, spec.slice_index(keep))`` (numpy copies)
-    is loaded into the module built by :func:`fedray.models.spec.build_compact`
+    is loaded into the module built by :func:`fedray.models.factory.build_compact`
     with the full model's ``model_name`` / ``options``.
     """
     index = spec.slice_index(keep)

@@ -15,8 +15,9 @@ Masks (:func:`importance_scores`, :func:`nested_masks`): importance =
 accumulated squared gradients normalised per upload; one global ordering with
 a per-tensor floor; each density keeps a prefix so masks nest.
 
-Distribution (:func:`residual_split`, :func:`residual_bytes`): the smallest
-submodel in full, then the differences between consecutive nested ones.
+Distribution (:func:`residual_split`): the smallest submodel in full, then the
+differences between consecutive nested ones (their bytes are counted by
+:class:`fedray.channel.Channel`, like every other payload).
 """
 from __future__ import annotations
 
@@ -27,11 +28,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fedray.pruning.magnitude import global_ranking, prefix_count, top_mask
-from fedray.submodel.encode import payload_nbytes
 from fedray.submodel.masks import Mask, is_subset
 
 __all__ = ["RoundTimeFifo", "allocate_densities", "recovery_step", "Plateau", "plateau_update",
-           "importance_scores", "nested_masks", "residual_split", "residual_bytes"]
+           "importance_scores", "nested_masks", "residual_split"]
 
 
 # --------------------------------------------------------------------------- round times
@@ -265,14 +265,3 @@ def residual_split(masks_sorted_by_density: Sequence[Mask]) -> list[Mask]:
         pieces.append(piece)
         prev = m
     return pieces
-
-
-def residual_bytes(like: Mapping[str, np.ndarray], pieces: Sequence[Mask]) -> list[int]:
-    """Download bytes of the client of density rank ``r`` (0 = smallest):
-    ``sum_{p <= r} payload_nbytes(like, pieces[p])`` (each piece is encoded
-    on its own in the sparse wire format of :mod:`fedray.submodel.encode`)."""
-    out, total = [], 0
-    for piece in pieces:
-        total += payload_nbytes(like, piece)
-        out.append(int(total))
-    return out

@@ -41,11 +41,14 @@ class Entry:
 
 @dataclass(frozen=True)
 class Payload:
-    """Encoded tensors plus ``aux`` arrays a method asks clients to report
-    (e.g. PR-FL's accumulated squared gradients); both count as sent bytes."""
+    """Encoded tensors plus ``aux``, the extra arrays a method's submodel declares (e.g.
+    PR-FL's accumulated squared gradients); both count as sent bytes. ``state`` is the
+    client's new state for the per-client store (:mod:`fedray.client.state`): it stays on the
+    device, so it is not part of what the device sends (the simulation carries it here)."""
 
     entries: dict[str, Entry] = field(default_factory=dict)
     aux: dict[str, np.ndarray] = field(default_factory=dict)
+    state: dict | None = None
 
     @property
     def nbytes(self) -> int:

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import ray
     from ray.cluster_utils import Cluster
     from fedray.config import from_dict
-    from fedray.runtime.loop import run
+    from fedray.runtime.runner import run
 
     out_dir = sys.argv[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})

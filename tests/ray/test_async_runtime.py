@@ -15,7 +15,7 @@ import pytest
 
 from fedray.config import from_dict
 from fedray.methods import registry
-from fedray.runtime.loop import Runner
+from fedray.runtime.runner import Runner
 
 TIERS = [{"name": "slow", "fraction": 0.5, "speed_range": [0.1, 0.3]},
          {"name": "fast", "fraction": 0.5, "speed_range": [1.0, 2.0]}]
@@ -48,11 +48,17 @@ class FailingRunner(Runner):
         super().__init__(cfg)
         self.fail = fail
 
-    def _groups(self, recs):
-        for r in recs:
-            if r.dispatch_id in self.fail:
-                r.task = replace(r.task, fail=self.fail[r.dispatch_id])
-        return super()._groups(recs)
+    def _start(self):
+        super()._start()
+        groups = self.dispatcher.groups
+
+        def failing(recs):
+            for r in recs:
+                if r.dispatch_id in self.fail:
+                    r.task = replace(r.task, fail=self.fail[r.dispatch_id])
+            return groups(recs)
+
+        self.dispatcher.groups = failing
 
 
 def check_run(cfg, summary, rounds=3):

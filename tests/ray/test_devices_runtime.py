@@ -9,7 +9,8 @@ import ray
 from fedray.client.actor import ClientActor, Task, train_call
 from fedray.config import from_dict
 from fedray.methods.base import Assignment
-from fedray.runtime.loop import prepare, run
+from fedray.runtime.runner import run
+from fedray.runtime.setup import prepare
 
 pytestmark = pytest.mark.ray
 

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from fedray.config import from_dict
-from fedray.runtime.loop import Runner, run
+from fedray.runtime.runner import Runner, run
 
 pytestmark = pytest.mark.ray
 
@@ -31,13 +31,19 @@ class CrashingRunner(Runner):
 
     calls = 0
 
-    def _groups(self, recs):
-        out = super()._groups(recs)
-        CrashingRunner.calls += 1
-        if CrashingRunner.calls == 3:
-            actor = next(iter(self.pools.values()))[0]
-            os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
-        return out
+    def _start(self):
+        super()._start()
+        groups = self.dispatcher.groups
+
+        def crashing(recs):
+            out = groups(recs)
+            CrashingRunner.calls += 1
+            if CrashingRunner.calls == 3:
+                actor = next(iter(self.pools.values()))[0]
+                os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+            return out
+
+        self.dispatcher.groups = crashing
 
 
 def test_crashed_actor_is_restarted_and_run_is_unchanged(ray_session, tmp_path):

@@ -11,8 +11,8 @@ import pytest
 
 from fedray.config import from_dict
 from fedray.metrics.recorder import WALL_COLUMNS
-from fedray.runtime import loop
-from fedray.runtime.loop import run
+from fedray.runtime import schedulers
+from fedray.runtime.runner import run
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from plain_fedavg import plain_fedavg, workload_w  # noqa: E402
@@ -70,7 +70,7 @@ def test_deterministic_whatever_the_actor_count_and_window(ray_session, tmp_path
             "devices.noise_sigma": 0.2, "devices.dropout_prob": 0.1} if hetero else {}
     # and whatever the number of rounds the aggregator runs per call: with calls this long the
     # windows grow to the cap after a first call of 2 rounds (6 rounds: 1x6, 2+4, 2+3+1)
-    monkeypatch.setattr(loop, "CALL_S", 1e9)
+    monkeypatch.setattr(schedulers, "CALL_S", 1e9)
     out = []
     for actors, window in ((1, 1), (2, 8), (4, 3)):
         cfg = small(tmp_path / str(actors), **{"cluster.num_client_actors": actors,

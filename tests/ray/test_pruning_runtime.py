@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fedray import config as C
-from fedray.runtime.loop import Runner
+from fedray.runtime.runner import Runner
 
 METHODS = {
     "clamp": ({"initial_depth": 2}, "depth"),

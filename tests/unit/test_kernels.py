@@ -12,8 +12,8 @@ import pytest
 
 from fedray.aggregation import kernels as K
 from fedray.aggregation import rules
-from fedray.aggregation.actor import AggregatorCore
-from fedray.aggregation.buffer import PayloadMask, PayloadValues, lazy_decode, payload_backed
+from fedray.aggregation.core import AggregatorCore
+from fedray.aggregation.merge import PayloadMask, PayloadValues, lazy_decode, payload_backed
 from fedray.submodel.encode import BITORDER, Entry, Payload, decode, encode, encode_tensor
 from fedray.update import Update
 
@@ -286,18 +286,18 @@ def test_lazy_decode_is_decode_without_decoding():
 
 def test_aggregator_core_buffers_payloads_and_merges_them():
     from fedray.config import from_dict
-    from fedray.methods import registry
+    from tests import kit
 
     rng = np.random.default_rng(6)
     g = {k: v for k, v in model(rng).items()}
     cfg = from_dict({"method": {"name": "fedbuff", "buffer_size": 3, "staleness": "constant"},
                      "data": {"name": "digits", "num_clients": 10}})
-    core = AggregatorCore(g, registry.get("fedbuff")(cfg, None))
+    core = kit.core_for(cfg, g)
     payloads = [encode(*client(rng, g, "sparse")) for _ in range(3)]
     for i, p in enumerate(payloads[:2]):
         core.receive([(Update(dispatch_id=i, client_id=i, base_version=0, num_examples=10, kind="delta"), p, None)])
-    assert all(isinstance(c.values, PayloadValues) for _, c in core.pending)
-    assert all(c.values.source._values == {} for _, c in core.pending)  # still encoded
+    assert all(isinstance(e.contribution.values, PayloadValues) for e in core.pending)
+    assert all(e.contribution.values.source._values == {} for e in core.pending)  # still encoded
     core.receive([(Update(dispatch_id=2, client_id=2, base_version=0, num_examples=10, kind="delta"), payloads[2], None)])
     assert core.version == 1
     shapes = {k: v.shape for k, v in g.items()}

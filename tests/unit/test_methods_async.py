@@ -12,16 +12,15 @@ import pickle
 import numpy as np
 import pytest
 
-from fedray.aggregation.actor import AggregatorCore
+from fedray.aggregation.core import AggregatorCore
+from fedray.channel import Channel, Expected
 from fedray.config import from_dict
 from fedray.errors import ConfigError
-from fedray.methods import registry
 from fedray.methods.deadline import deadline_seconds
 from fedray.methods.heterofl import speed_ratios
-from fedray.models.spec import model_spec
-from fedray.models.zoo import build_model
 from fedray.submodel.encode import Entry, Payload, encode
 from fedray.update import Update
+from tests import kit
 
 
 def cfg_for(method: dict, **sections):
@@ -30,13 +29,16 @@ def cfg_for(method: dict, **sections):
     return from_dict(data)
 
 
-def method_for(method: dict, spec=None, **sections):
-    cfg = cfg_for(method, **sections)
-    return registry.get(cfg.method.name)(cfg, spec)
+def planner_for(method: dict, info=None, **sections):
+    return kit.planner_for(cfg_for(method, **sections), info)
 
 
-def core_for(method: dict, params, spec=None, **sections) -> AggregatorCore:
-    return AggregatorCore(params, method_for(method, spec, **sections))
+def server_for(method: dict, info=None, **sections):
+    return kit.server_for(cfg_for(method, **sections), info)
+
+
+def core_for(method: dict, params, info=None, **sections) -> AggregatorCore:
+    return AggregatorCore(params, server_for(method, info, **sections))
 
 
 def params0(seed=0):
@@ -110,14 +112,12 @@ def test_fedbuff_k_m_without_staleness_equals_fedavg():
 
 
 def _mlp_spec(hidden=(8, 6)):
-    model = build_model("mlp", (64,), 10, options={"hidden": list(hidden)})
-    params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    return model_spec(model, (64,)), params
+    return kit.model_info("mlp", {"hidden": list(hidden)})
 
 
 def test_masked_mean_with_full_masks_equals_fedavg():
-    spec, p = _mlp_spec()
-    het = core_for({"name": "heterofl"}, p, spec, model={"name": "mlp", "options": {"hidden": [8, 6]}})
+    info, p = _mlp_spec()
+    het = core_for({"name": "heterofl"}, p, info, model={"name": "mlp", "options": {"hidden": [8, 6]}})
     avg = core_for({"name": "fedavg"}, p)
     rng = np.random.default_rng(3)
     models = [perturb(p, rng) for _ in range(3)]
@@ -221,7 +221,7 @@ def test_bad_updates_are_rejected_and_later_ones_aggregate(case, name):
     entries, reason, n = _bad_payloads(p)[case]
     core = core_for({"name": name, "buffer_size": 1} if name == "fedbuff" else {"name": name}, p)
     h = Update(dispatch_id=0, client_id=0, base_version=0, num_examples=n, kind="delta" if name == "fedbuff" else "model")
-    out = core.receive([(h, Payload(entries), list(p))])
+    out = core.receive([(h, Payload(entries), Expected(tuple(p), 0))])  # checked before its size
     assert out["results"] == [(0, reason)]
     assert not out["aggregated"] and core.version == 0 and core.pending == []
     assert core.rejected[reason] == 1
@@ -298,12 +298,11 @@ def test_restored_aggregator_continues_bitwise(case):
 def test_deadline_rule():
     assert deadline_seconds(np.array([1.0, 2.0, 3.0, 10.0]), 1.5) == pytest.approx(3.75)
     assert deadline_seconds(np.array([]), 1.5) is None
-    m = method_for({"name": "fedavg_deadline"})
-    assert m.schedule == "sync"
+    m = planner_for({"name": "fedavg_deadline"})
     assert m.deadline(np.array([4.0, 1.0, 2.0])) == pytest.approx(3.0)
-    m2 = method_for({"name": "fedavg_deadline", "deadline_factor": 1.0})
+    m2 = planner_for({"name": "fedavg_deadline", "deadline_factor": 1.0})
     assert m2.deadline(np.array([4.0, 1.0, 2.0])) == pytest.approx(2.0)
-    assert method_for({"name": "fedavg"}).deadline(np.array([1.0])) is None
+    assert planner_for({"name": "fedavg"}).deadline(np.array([1.0])) is None
 
 
 # ------------------------------------------------------------------ HeteroFL
@@ -316,78 +315,80 @@ def test_speed_ratios_fastest_get_widest():
     assert r.tolist() == [0.5, 1.0, 0.5, 0.5, 0.5, 0.5]
 
 
-def _heterofl(spec, **method):
-    return method_for({"name": "heterofl", **method}, spec, num_clients=10,
-                      model={"name": "mlp", "options": {"hidden": [8, 6]}},
-                      devices={"tiers": [{"name": "slow", "fraction": 0.5, "speed_range": [0.2, 0.6]},
-                                         {"name": "fast", "fraction": 0.5, "speed_range": [1.0, 3.0]}]})
+HETERO_DEVICES = {"tiers": [{"name": "slow", "fraction": 0.5, "speed_range": [0.2, 0.6]},
+                            {"name": "fast", "fraction": 0.5, "speed_range": [1.0, 3.0]}]}
+
+
+def _heterofl_cfg(**method):
+    return cfg_for({"name": "heterofl", **method}, num_clients=10, model={"name": "mlp", "options": {"hidden": [8, 6]}},
+                   devices=HETERO_DEVICES)
 
 
 def test_heterofl_plans_width_slices_by_speed():
-    spec, p = _mlp_spec()
-    m = _heterofl(spec)
-    from fedray import config as C, seeding
-    from fedray.devices.profile import build_population
+    info, p = _mlp_spec()
+    spec = info.try_spec()
+    cfg = _heterofl_cfg()
+    m = kit.planner_for(cfg, info)
+    from fedray import config as C
 
-    cfg = m.cfg
-    prof = build_population(10, C.population(cfg.devices), seeding.derive(cfg.seed, "devices"))
+    prof = C.profiles(cfg)
     order = sorted(range(10), key=lambda c: (-prof[c].speed, c))
     ratios = [m.ratio(c) for c in order]
     assert ratios == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625]
     flops = {}
+    channel = Channel(info.like)
     for c in range(10):
         a = m.plan(c, 0)
+        sub = a.submodel
         r = m.ratio(c)
         h1, h2 = (max(1, int(np.ceil(r * 8))), max(1, int(np.ceil(r * 6))))
-        assert [len(a.keep[g.layer]) for g in spec.groups] == [h1, h2]
-        assert all(np.array_equal(a.keep[g.layer], np.arange(len(a.keep[g.layer]))) for g in spec.groups)
-        assert a.hidden_scale == r and a.download_mask is a.mask and dict(a.info) == {"width": r}
-        assert int(a.mask["layers.0.weight"].sum()) == h1 * 64
-        assert int(a.mask["layers.1.weight"].sum()) == h2 * h1
-        covered = sum(int(v.sum()) for v in a.mask.values())
-        n_sub = sum(int(np.prod(s)) for s in spec.compact_shapes(a.keep).values())
+        assert [len(sub.keep[g.layer]) for g in spec.groups] == [h1, h2]
+        assert all(np.array_equal(sub.keep[g.layer], np.arange(len(sub.keep[g.layer]))) for g in spec.groups)
+        assert a.setting("scale") == r and sub.download is sub.mask and dict(a.info) == {"width": r}
+        assert int(sub.mask["layers.0.weight"].sum()) == h1 * 64
+        assert int(sub.mask["layers.1.weight"].sum()) == h2 * h1
+        covered = sum(int(v.sum()) for v in sub.mask.values())
+        n_sub = sum(int(np.prod(s)) for s in spec.compact_shapes(sub.keep).values())
         assert covered == n_sub  # mask = exactly the compact model's coordinates
-        flops[r] = a.train_flops_per_example
+        cost = sub.cost(info, channel)
+        flops[r] = cost.flops_per_example
+        assert cost.sparse_factor == 1.0  # a physically smaller model runs dense kernels
     assert flops[1.0] == spec.train_flops(spec.layer_names, 1)
     assert flops[1.0] > flops[0.5] > flops[0.25] > flops[0.0625] > 0
 
 
 def test_heterofl_tier_assignment_and_missing_tier():
-    spec, _ = _mlp_spec()
-    m = _heterofl(spec, assign="tier", tier_ratios={"slow": 0.25, "fast": 1.0})
-    from fedray import config as C, seeding
-    from fedray.devices.profile import build_population
+    info, _ = _mlp_spec()
+    from fedray import config as C
 
-    prof = build_population(10, C.population(m.cfg.devices), seeding.derive(m.cfg.seed, "devices"))
-    assert [m.ratio(c) for c in range(10)] == [0.25 if q.tier == "slow" else 1.0 for q in prof]
-    bad = _heterofl(spec, assign="tier", tier_ratios={"slow": 0.25})
+    cfg = _heterofl_cfg(assign="tier", tier_ratios={"slow": 0.25, "fast": 1.0})
+    m = kit.planner_for(cfg, info)
+    assert [m.ratio(c) for c in range(10)] == [0.25 if q.tier == "slow" else 1.0 for q in C.profiles(cfg)]
     with pytest.raises(ConfigError, match="method.tier_ratios: no ratio for device tier"):
-        bad.plan(0, 0)
+        kit.planner_for(_heterofl_cfg(assign="tier", tier_ratios={"slow": 0.25}), info)
 
 
 def test_heterofl_masked_mean_over_slices():
-    spec, p = _mlp_spec()
-    m = _heterofl(spec)
-    wide, narrow = m.submodel(1.0), m.submodel(0.5)
-    core = AggregatorCore(p, m)
+    info, p = _mlp_spec()
+    m = kit.planner_for(_heterofl_cfg(), info)
+    wide, narrow = m.submodel(1.0).mask, m.submodel(0.5).mask
+    core = kit.core_for(_heterofl_cfg(), p, info)
     a = {k: np.full(v.shape, 1.0, v.dtype) for k, v in p.items()}
     b = {k: np.full(v.shape, 4.0, v.dtype) for k, v in p.items()}
-    core.receive([item(0, 0, a, n=10, mask=wide[1]), item(1, 0, b, n=30, mask=narrow[1])], force=True)
+    core.receive([item(0, 0, a, n=10, mask=wide), item(1, 0, b, n=30, mask=narrow)], force=True)
     for k, v in core.params.items():
-        both = narrow[1][k]
+        both = narrow[k]
         assert np.allclose(v[both], (10 * 1 + 30 * 4) / 40)
         assert np.allclose(v[~both], 1.0)
-    count = _heterofl(spec, weight="count")
-    core = AggregatorCore(p, count)
-    core.receive([item(0, 0, a, n=10, mask=wide[1]), item(1, 0, b, n=30, mask=narrow[1])], force=True)
+    core = kit.core_for(_heterofl_cfg(weight="count"), p, info)
+    core.receive([item(0, 0, a, n=10, mask=wide), item(1, 0, b, n=30, mask=narrow)], force=True)
     assert np.allclose(core.params["layers.0.bias"][:4], 2.5)
     assert np.allclose(core.params["layers.0.bias"][4:], 1.0)
 
 
 def test_heterofl_static_bn_keeps_running_stats():
-    model = build_model("vgg11", (3, 32, 32), 10, options={"width": 0.0625})
-    spec = model_spec(model, (3, 32, 32))
-    p = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    info, p = kit.model_info("vgg11", {"width": 0.0625}, input_shape=(3, 32, 32))
+    spec = info.try_spec()
     stats = [k for k in p if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     counter = next(k for k in stats if k.endswith("num_batches_tracked"))
     assert encode({counter: p[counter]}).entries[counter].values.shape == ()  # 0-d tensors stay 0-d on the wire
@@ -395,9 +396,9 @@ def test_heterofl_static_bn_keeps_running_stats():
     cfgs = dict(num_clients=10, model={"name": "vgg11", "options": {"width": 0.0625}})
     upd = {k: (np.full(v.shape, 3, v.dtype)) for k, v in p.items()}
     full = {k: np.ones(v.shape, bool) for k, v in p.items()}
-    static = AggregatorCore(p, method_for({"name": "heterofl"}, spec, **cfgs))
+    static = core_for({"name": "heterofl"}, p, info, **cfgs)
     static.receive([item(0, 0, upd, mask=full)], force=True)
-    mean = AggregatorCore(p, method_for({"name": "heterofl", "bn_stats": "mean"}, spec, **cfgs))
+    mean = core_for({"name": "heterofl", "bn_stats": "mean"}, p, info, **cfgs)
     mean.receive([item(0, 0, upd, mask=full)], force=True)
     for k in p:
         if k in stats:
@@ -442,16 +443,19 @@ def test_bad_method_params_name_the_field(method, field):
 
 
 def test_defaults_and_hooks():
-    fa = method_for({"name": "fedasync"}, server={"clients_per_round": 7})
-    assert (fa.params.alpha, fa.params.staleness, fa.schedule) == (0.6, "polynomial", "async")
-    assert fa.concurrency() == 7 and fa.max_staleness() is None and fa.trigger(1)
-    assert fa.staleness_weight(3, 0) == pytest.approx(0.5)
-    fb = method_for({"name": "fedbuff", "concurrency": 20, "max_staleness": 4})
+    from fedray.methods import registry
+
+    fa, fas = planner_for({"name": "fedasync"}, server={"clients_per_round": 7}), server_for({"name": "fedasync"})
+    assert (fa.params.alpha, fa.params.staleness, registry.get("fedasync").schedule) == (0.6, "polynomial", "async")
+    assert fa.concurrency() == 7 and fas.max_staleness() is None and fas.trigger(1)
+    assert fas.staleness_weight(3, 0) == pytest.approx(0.5)
+    method = {"name": "fedbuff", "concurrency": 20, "max_staleness": 4}
+    fb, fbs = planner_for(method), server_for(method)
     assert (fb.params.buffer_size, fb.params.staleness, fb.plan(3, 0).send) == (10, "inv_sqrt", "delta")
-    assert fb.concurrency() == 20 and fb.max_staleness() == 4
-    assert not fb.trigger(9) and fb.trigger(10)
-    assert fb.staleness_weight(5, 2) == pytest.approx(0.5)
-    ff = method_for({"name": "fedfix", "interval_s": 12.5})
-    assert ff.schedule == "interval" and ff.interval_s() == 12.5 and not ff.trigger(100)
-    hinge = method_for({"name": "fedasync", "staleness": "hinge", "a": 1.0, "b": 2.0})
+    assert fb.concurrency() == 20 and fbs.max_staleness() == 4
+    assert not fbs.trigger(9) and fbs.trigger(10)
+    assert fbs.staleness_weight(5, 2) == pytest.approx(0.5)
+    ff, ffs = planner_for({"name": "fedfix", "interval_s": 12.5}), server_for({"name": "fedfix", "interval_s": 12.5})
+    assert registry.get("fedfix").schedule == "interval" and ff.interval_s() == 12.5 and not ffs.trigger(100)
+    hinge = server_for({"name": "fedasync", "staleness": "hinge", "a": 1.0, "b": 2.0})
     assert hinge.staleness_weight(2, 0) == 1.0 and hinge.staleness_weight(5, 0) == pytest.approx(0.25)

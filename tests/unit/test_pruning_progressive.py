@@ -8,8 +8,8 @@ import torch
 from fedray.models import build_model, model_spec
 from fedray.pruning.magnitude import global_ranking, magnitude_scores, prunable_keys, top_mask
 from fedray.pruning.progressive import (Plateau, RoundTimeFifo, allocate_densities, importance_scores,
-                                        nested_masks, plateau_update, recovery_step, residual_bytes,
-                                        residual_split)
+                                        nested_masks, plateau_update, recovery_step, residual_split)
+from fedray.channel import Channel
 from fedray.submodel import masks
 from fedray.submodel.encode import payload_nbytes
 
@@ -129,9 +129,8 @@ def test_nested_masks_on_model_nest_meet_density_and_floor():
         union = masks.union(union, p)
     assert masks.equal(union, ms[0])
     assert pieces[1] == {}  # equal densities: empty difference
-    nb = residual_bytes(params, pieces)
-    assert nb[0] == payload_nbytes(params, pieces[0])
-    assert nb == sorted(nb) and nb[-1] == sum(payload_nbytes(params, p) for p in pieces)
+    nb = [Channel(params).mask_nbytes(p) for p in pieces]  # the channel counts every piece
+    assert nb == [payload_nbytes(params, p) for p in pieces] and nb[1] == 0
     with pytest.raises(ValueError):
         residual_split([ms[0], ms[3]])
 

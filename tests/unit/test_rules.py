@@ -391,7 +391,7 @@ def test_uncovered_unchanged_and_covered_within_range(seed):
 def test_weighted_mean_of_dense_payloads_is_bit_identical_to_the_numpy_path():
     """Dense payload-backed updates (what FedAvg clients send) take the merge kernels; a
     sparse one among them sends the whole mean back to the accumulator. Same bits either way."""
-    from fedray.aggregation.buffer import lazy_decode
+    from fedray.aggregation.merge import lazy_decode
     from fedray.submodel.encode import encode
 
     rng = np.random.default_rng(3)

@@ -1,5 +1,5 @@
-"""Local training: early stopping on the training loss (AutoFLIP's exploration); a reused model
-and optimizer give what fresh ones would."""
+"""Local training: a client algorithm's epoch hook stops early on the training loss (AutoFLIP's
+exploration); a reused model and optimizer give what fresh ones would."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +9,18 @@ from torch import nn
 
 from fedray.client.trainer import get_params, local_train
 from fedray.config import TrainConfig
+
+
+def exploring():
+    """AutoFLIP's exploration hooks and the local run they see: ``local_train(..., **exploring())``."""
+    from fedray.methods.autoflip import ExplorationClient
+    from fedray.methods.base import Assignment, ClientContext, LocalRun
+    from fedray.submodel.submodel import FULL
+
+    algo = ExplorationClient(ClientContext(None, "autoflip", None, None))
+    run = LocalRun(Assignment(0, client=(("explore", True),)), FULL, {}, {}, None, seed=1, lr=0.0)
+    algo.prepare(run)
+    return {"hooks": algo, "run": run}
 
 
 def data():
@@ -24,7 +36,7 @@ def test_early_stop_ends_when_the_epoch_loss_stops_falling():
     model = nn.Linear(4, 2)
     params = get_params(model)
     diverge = TrainConfig(local_epochs=20, batch_size=16, lr=50.0)  # a huge step: the loss jumps around
-    stopped = local_train(model, params, x, y, np.arange(64), diverge, seed=1, early_stop=True)
+    stopped = local_train(model, params, x, y, np.arange(64), diverge, seed=1, **exploring())
     full = local_train(model, params, x, y, np.arange(64), diverge, seed=1)
     assert full.steps == 20 * 4
     assert stopped.steps % 4 == 0 and 8 <= stopped.steps < full.steps
@@ -35,7 +47,7 @@ def test_early_stop_keeps_training_while_the_loss_falls():
     model = nn.Linear(4, 2)
     torch.manual_seed(0)
     cfg = TrainConfig(local_epochs=3, batch_size=64, lr=0.01)  # one full batch per epoch: loss falls
-    s = local_train(model, get_params(model), x, y, np.arange(64), cfg, seed=1, early_stop=True)
+    s = local_train(model, get_params(model), x, y, np.arange(64), cfg, seed=1, **exploring())
     assert s.steps == 3
 
 

@@ -1,13 +1,13 @@
-"""Update buffer: validated payloads kept encoded, merged by the tile kernels.
+"""The merge: validated payloads kept encoded, merged by the tile kernels behind one ``merge()``.
 
 The aggregator used to decode every admitted payload to full-shape values and
-a full-shape mask and merge them with :class:`~fedray.aggregation.rules.MaskedAccumulator`
+a full-shape mask and merge them with :class:`~fedray.aggregation.accumulate.MaskedAccumulator`
 (several passes over float64 arrays per update). Now :func:`lazy_decode`
 wraps the validated payload (zero-copy views from the Ray object store) in two
 read-only mappings, :class:`PayloadValues` and :class:`PayloadMask`, which are
 what :func:`fedray.submodel.encode.decode` returned before -- same keys, same
 full-shape arrays -- except that a tensor is decoded only when someone indexes
-it (and then cached, read-only). A :class:`~fedray.aggregation.rules.Contribution`
+it (and then cached, read-only). A :class:`~fedray.aggregation.accumulate.Contribution`
 built on them is a normal contribution for every method and rule.
 
 The masked-mean family in :mod:`fedray.aggregation.rules`
@@ -15,8 +15,10 @@ The masked-mean family in :mod:`fedray.aggregation.rules`
 :func:`~fedray.aggregation.rules.width_sliced_mean`,
 :func:`~fedray.aggregation.rules.apply_delta_mean`,
 :func:`~fedray.aggregation.rules.masked_mix`) detects contributions whose
-``values`` are :class:`PayloadValues` and sends them to :func:`merge_contributions`,
-which hands the *encoded* entries to :func:`fedray.aggregation.kernels.merge`.
+all call :func:`merge`: contributions whose ``values`` are :class:`PayloadValues` go to
+:func:`merge_contributions`, which hands the *encoded* entries to
+:func:`fedray.aggregation.kernels.merge`; any other contribution to the numpy reference
+:func:`merge_reference`.
 
 Per key and contribution the piece given to the kernel is:
 
@@ -28,7 +30,7 @@ Per key and contribution the piece given to the kernel is:
 - otherwise a ``"masked"`` piece of the decoded values and the given mask.
 
 Integer/bool tensors and float dtypes other than float32/float64 go through
-:class:`~fedray.aggregation.rules.MaskedAccumulator` (``rules.mix`` for the
+:class:`~fedray.aggregation.accumulate.MaskedAccumulator` (``accumulate.mix`` for the
 mix mode; they are tiny), so
 every convention of :mod:`fedray.aggregation.rules` holds unchanged; the
 numerical contract of the float path is stated in
@@ -43,11 +45,12 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from fedray.aggregation import kernels, rules
+from fedray.aggregation import kernels
+from fedray.aggregation.accumulate import Contribution, MaskedAccumulator, _check_weight, _copy, mix
 from fedray.submodel.encode import Payload, decode_entry
 from fedray.submodel.masks import Params
 
-__all__ = ["PayloadValues", "PayloadMask", "lazy_decode", "payload_backed", "merge_contributions"]
+__all__ = ["PayloadValues", "PayloadMask", "lazy_decode", "payload_backed", "merge", "merge_contributions"]
 
 
 class _Source:
@@ -136,12 +139,12 @@ def lazy_decode(payload: Payload, shapes: Mapping[str, tuple[int, ...]]) -> tupl
     return PayloadValues(src), PayloadMask(src)
 
 
-def payload_backed(contribs: Sequence[rules.Contribution]) -> bool:
+def payload_backed(contribs: Sequence[Contribution]) -> bool:
     """True when there is at least one contribution and all have :class:`PayloadValues`."""
     return bool(contribs) and all(isinstance(c.values, PayloadValues) for c in contribs)
 
 
-def _piece(c: rules.Contribution, k: str, shape: tuple[int, ...]):
+def _piece(c: Contribution, k: str, shape: tuple[int, ...]):
     """The kernel piece for key ``k`` of ``c`` (None: covers nothing)."""
     src = c.values.source if isinstance(c.values, PayloadValues) else None
     if src is not None and isinstance(c.mask, PayloadMask) and c.mask.source is src:
@@ -162,7 +165,7 @@ def _piece(c: rules.Contribution, k: str, shape: tuple[int, ...]):
     return kernels.Piece("masked", v, (m,))
 
 
-def merge_contributions(global_params: Mapping[str, np.ndarray], contribs: Sequence[rules.Contribution],
+def merge_contributions(global_params: Mapping[str, np.ndarray], contribs: Sequence[Contribution],
                         mode: str, *, eta: float = 1.0, rates: Sequence[float] | None = None,
                         parallel: bool | None = None) -> Params:
     """The rules' masked-mean family over (typically payload-backed) contributions.
@@ -183,7 +186,7 @@ def merge_contributions(global_params: Mapping[str, np.ndarray], contribs: Seque
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"mixing rate eta must be in [0, 1], got {r!r}")
     else:
-        weights = [rules._check_weight(c.weight) for c in contribs]
+        weights = [_check_weight(c.weight) for c in contribs]
     if mode == "delta" and not math.isfinite(float(eta)):
         raise ValueError(f"eta_g must be finite, got {eta!r}")
 
@@ -191,7 +194,7 @@ def merge_contributions(global_params: Mapping[str, np.ndarray], contribs: Seque
     fast = {k for k, v in global_params.items() if np.asarray(v).dtype in kernels.DTYPES}
     slow_params = {k: v for k, v in global_params.items() if k not in fast}
     pieces: dict[str, tuple[list, list]] = {}
-    slow = rules.MaskedAccumulator(slow_params)
+    slow = MaskedAccumulator(slow_params)
     slow_mixed = slow_params
     for c, w in zip(contribs, weights):
         coverage = {}
@@ -207,12 +210,12 @@ def merge_contributions(global_params: Mapping[str, np.ndarray], contribs: Seque
                 coverage[k] = c.mask[k]
         if mode == "mix":  # the reference rule, on the few non-kernel tensors
             target = {k: np.where(m, c.values[k], slow_mixed[k]) for k, m in coverage.items()}
-            slow_mixed = rules.mix(slow_mixed, target, w)
+            slow_mixed = mix(slow_mixed, target, w)
         else:  # one _add per contribution (even an empty one) keeps the count = K
             slow._add(c.values, coverage, w)
 
     if mode == "mix":
-        slow_out = rules._copy(slow_mixed)
+        slow_out = _copy(slow_mixed)
     elif mode == "delta":
         slow_out = slow.apply_delta(slow_params, eta)
     else:
@@ -236,3 +239,45 @@ def merge_contributions(global_params: Mapping[str, np.ndarray], contribs: Seque
         else:
             out[k] = np.array(old, copy=True)
     return out
+
+
+def merge(global_params: Mapping[str, np.ndarray], contribs: Sequence[Contribution], mode: str, *,
+          eta: float = 1.0, rates: Sequence[float] | None = None, acc_dtype=np.float64) -> Params:
+    """The one entry point of the masked-mean family: ``mode`` ``"mean"`` (masked mean),
+    ``"delta"`` (``global + eta * sum w_i delta_i / K``) or ``"mix"`` (one mixing step per
+    contribution, ``rates[i]``). Payload-backed contributions (what the aggregator buffers)
+    with float64 accumulation go through the tile kernels; everything else through the numpy
+    reference (:class:`~fedray.aggregation.accumulate.MaskedAccumulator` and
+    :func:`~fedray.aggregation.accumulate.mix`), which the kernels reproduce bit for bit."""
+    if np.dtype(acc_dtype) == np.float64 and payload_backed(contribs):
+        return merge_contributions(global_params, contribs, mode, eta=eta, rates=rates)
+    return merge_reference(global_params, contribs, mode, eta=eta, rates=rates, acc_dtype=acc_dtype)
+
+
+def merge_reference(global_params: Mapping[str, np.ndarray], contribs: Sequence[Contribution], mode: str, *,
+                    eta: float = 1.0, rates: Sequence[float] | None = None, acc_dtype=np.float64) -> Params:
+    """The numpy reference of :func:`merge`."""
+    if mode == "mix":
+        if rates is None or len(rates) != len(contribs):
+            raise ValueError(f"{len(contribs)} contributions but {0 if rates is None else len(rates)} mixing rates")
+        theta: Params = _copy(global_params)
+        for c, r in zip(contribs, rates):
+            extra = sorted(c.mask.keys() - theta.keys())
+            if extra:
+                raise ValueError(f"unknown parameter key {extra[0]!r} (not in the global model)")
+            target = {}
+            for k, m in c.mask.items():
+                if k not in c.values:
+                    raise ValueError(f"values lack covered key {k!r}")
+                m = np.asarray(m)
+                if m.dtype != np.bool_ or m.shape != theta[k].shape:
+                    raise ValueError(f"mask for {k!r} must be a bool array of shape {theta[k].shape}")
+                target[k] = np.where(m, np.asarray(c.values[k]), theta[k]).astype(theta[k].dtype, copy=False)
+            theta = mix(theta, target, r)
+        return theta
+    if mode not in ("mean", "delta"):
+        raise ValueError(f"unknown merge mode {mode!r}")
+    acc = MaskedAccumulator(global_params, acc_dtype)
+    for c in contribs:
+        acc.add(c)
+    return acc.mean(global_params) if mode == "mean" else acc.apply_delta(global_params, eta)

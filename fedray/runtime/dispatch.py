@@ -1,0 +1,211 @@
+"""Dispatch: plan, cost and launch clients on the virtual clock; route tasks to actors.
+
+For every dispatch the :class:`Dispatcher` makes the ``dispatch_id``, asks the planner for
+the :class:`~fedray.methods.base.Assignment`, asks its submodel what it costs (FLOPs per
+example, bytes down and up: :meth:`~fedray.submodel.submodel.Submodel.cost`, through the
+channel) and turns that into the device's virtual finish time with the one cost model. It
+decides drops (device dropout, round deadline) at dispatch and keeps the device
+bookkeeping (busy, battery, availability). The cost of a dispatch is computed once, here;
+the metrics rows and the totals are made from the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedray.client.worker import Task
+from fedray.devices import cost as costs
+from fedray.runtime import cluster
+
+__all__ = ["Inflight", "Dispatcher", "examples_processed"]
+
+
+def examples_processed(n: int, batch_size: int, epochs: int, steps: int | None) -> int:
+    """Examples a client pushes through the model (as :func:`fedray.client.trainer.batches` yields them)."""
+    if n <= 0:
+        return 0
+    if steps is None:
+        return n * epochs
+    per_epoch = math.ceil(n / batch_size)
+    full, rest = divmod(steps, per_epoch)
+    return full * n + min(rest * batch_size, n)
+
+
+@dataclass(order=True)
+class Inflight:
+    """One dispatch between its start and its end on the virtual clock."""
+
+    t_end: float
+    dispatch_id: int
+    task: Task = field(compare=False)
+    cost: costs.Cost = field(compare=False)
+    t_start: float = field(compare=False)
+    outcome: str = field(compare=False)  # "update" | "drop" | "late"
+    round: int = field(compare=False)
+    energy_j: float = field(compare=False)
+    flops: int = field(compare=False)
+    sub: object = field(default=None, compare=False)  # the submodel's cost
+    expected: object = field(default=None, compare=False)  # what the server expects of the update
+    egress: int = field(default=0, compare=False)  # server bytes sent for this download
+    bytes_up: int = field(default=0, compare=False)  # bytes the device sent (a cut upload: a part)
+    call_refs: list = field(default=None, compare=False)  # [headers ref, payload refs...] of a driver-sent call
+    call: int = field(default=0, compare=False)  # the call's index among its dispatch's calls
+    slot: int = field(default=0, compare=False)  # this task's index in the call's lists
+
+    @property
+    def client_id(self) -> int:
+        return self.task.assignment.client_id
+
+
+class Dispatcher:
+    """Plans and costs dispatches for one run (driver side)."""
+
+    def __init__(self, cfg, setup, planner, channel, pools: dict, actor_index: dict):
+        self.cfg, self.setup, self.planner, self.channel = cfg, setup, planner, channel
+        self.pools, self.actor_index = pools, actor_index
+        self.profiles = setup.profiles
+        self.next_dispatch = 0
+        self.version = 0
+        self.cost_model = costs.CostModel(shared_server_bps=cfg.devices.shared_server_bps,
+                                          noise_sigma=cfg.devices.noise_sigma)
+        self._costs: dict[int, tuple] = {}  # id(submodel) -> (submodel, cost, expected)
+        self._sent: set = set()  # (version, piece) already sent (shared download pieces)
+        n = cfg.data.num_clients
+        self.battery = np.array([p.battery_level for p in self.profiles], dtype=np.float64)
+        self.battery_t = np.zeros(n)
+        self.busy = np.zeros(n, dtype=bool)
+        self.slow = np.array([costs.is_slow(p) for p in self.profiles])
+        # mains-powered, always online, no trace: nothing to check per round
+        self.always_on = np.array([p.trace is None and not p.windows and p.availability >= 1.0
+                                   and math.isinf(p.battery_j) for p in self.profiles], dtype=bool)
+
+    # ------------------------------------------------------------ devices
+    def _charge(self, c: int, t: float) -> None:
+        """Recharge an idle device up to time ``t``."""
+        p = self.profiles[c]
+        if t > self.battery_t[c] and not math.isinf(p.battery_j):
+            self.battery[c] = costs.recharge(self.battery[c], t - self.battery_t[c], p.recharge_w, p.battery_j)
+        self.battery_t[c] = max(self.battery_t[c], t)
+
+    def available(self, t: float) -> np.ndarray:
+        """Clients that are idle, online and charged at virtual time ``t``."""
+        idle = np.flatnonzero(~self.busy)
+        low = self.cfg.devices.low_battery
+        out = []
+        for c in idle[~self.always_on[idle]]:  # the others are available whenever idle
+            self._charge(c, t)
+            if costs.available(self.profiles[c], t, self.battery[c], seed=self.cfg.seed, low=low):
+                out.append(c)
+        return np.union1d(idle[self.always_on[idle]], np.array(out, dtype=np.int64)).astype(np.int64)
+
+    # ------------------------------------------------------------ costs
+    def cost_of(self, submodel):
+        """``(SubmodelCost, Expected)`` of a submodel, computed once per submodel object."""
+        hit = self._costs.get(id(submodel))
+        if hit is None or hit[0] is not submodel:
+            if len(self._costs) > 4096:
+                self._costs.clear()
+            model = self.setup.model
+            sc = submodel.cost(model, self.channel)
+            hit = self._costs[id(submodel)] = (submodel, sc, self.channel.expected(submodel, sc.bytes_up, model))
+        return hit[1], hit[2]
+
+    # ------------------------------------------------------------ launch
+    def launch(self, clients, t: float, rnd: int) -> list[Inflight]:
+        """Plan, cost and dispatch ``clients`` at virtual time ``t``; returns their records."""
+        cfg, tc = self.cfg, self.cfg.train
+        recs: list[Inflight] = []
+        for c in clients:
+            c = int(c)
+            did = self.next_dispatch
+            self.next_dispatch += 1
+            a = self.planner.plan(c, self.version)
+            prof = self.profiles[c]
+            sc, expected = self.cost_of(a.submodel)
+            epochs = a.local_epochs if a.local_epochs is not None else tc.local_epochs
+            steps = a.local_steps if a.local_steps is not None else tc.local_steps
+            examples = examples_processed(int(self.setup.examples[c]), tc.batch_size, epochs, steps)
+            flops = examples * sc.flops_per_example + sc.extra_flops
+            cst = self.cost_model.estimate(prof, train_flops=flops, bytes_down=sc.bytes_down, bytes_up=sc.bytes_up,
+                                           t_start=t, seed=cfg.seed, round_key=did)
+            tele = {"round_s": cst.total_s, "compute_s": cst.compute_s, "comm_s": cst.download_s + cst.upload_s,
+                    "cpu_load": cst.cpu_load, "download_bps": cst.download_bps, "upload_bps": cst.upload_bps,
+                    "battery": float(self.battery[c]), "speed": prof.speed}
+            task = Task(did, self.version, a, telemetry=tele, speed=prof.speed if cfg.devices.mode == "real" else None)
+            egress = self.channel.egress(sc.pieces, sc.bytes_down, self.version, self._sent)
+            drop = costs.dropout_point(prof, seed=cfg.seed, round_key=did)
+            if drop is not None:  # the device drops after a fraction of its compute, before uploading
+                recs.append(Inflight(t + cst.download_s + cst.latency_s + drop * cst.compute_s, did, task, cst, t,
+                                     "drop", rnd, *costs.partial(prof, cst, drop), sub=sc, expected=expected,
+                                     egress=egress))
+            else:
+                recs.append(Inflight(t + cst.total_s, did, task, cst, t, "update", rnd, cst.energy_j, cst.train_flops,
+                                     sub=sc, expected=expected, egress=egress, bytes_up=cst.bytes_up))
+        return recs
+
+    def apply_deadline(self, recs: list[Inflight], t: float, rule) -> float | None:
+        """Mark the records past the round's deadline (``rule(predicted round times)``) ``late``:
+        the server stops waiting at the deadline; returns the deadline (None: none)."""
+        if rule is None or not recs:
+            return None
+        limit = rule(np.array([r.cost.total_s for r in recs]))
+        if limit is None:
+            return None
+        for r in recs:
+            if r.outcome == "update" and r.t_end - t > limit:
+                done = (limit - r.cost.download_s - r.cost.latency_s) / max(r.cost.compute_s, 1e-12)
+                r.outcome, r.t_end = "late", t + limit
+                r.energy_j, r.flops = costs.partial(self.profiles[r.client_id], r.cost, min(1.0, max(0.0, done)))
+        return limit
+
+    def occupy(self, recs: list[Inflight], t: float) -> None:
+        """The devices of ``recs`` are busy until their ends and spend their energy."""
+        for r in recs:
+            c = r.client_id
+            self.busy[c] = True
+            p = self.profiles[c]
+            self._charge(c, t)
+            self.battery[c] = costs.drain(self.battery[c], r.energy_j, p.battery_j)
+            self.battery_t[c] = r.t_end
+
+    # ------------------------------------------------------------ routing
+    def groups(self, recs: list[Inflight]) -> list[tuple[int, list[Inflight]]]:
+        """One call per client actor for the update tasks routed to it (by the client's tier
+        pool): ``[(actor index, records)]``; sets every record's call index and slot."""
+        groups: dict[int, list[Inflight]] = {}
+        for r in recs:
+            if r.outcome != "update":
+                continue
+            tier = self.profiles[r.client_id].tier
+            pool = tier if tier in self.pools else None
+            groups.setdefault(self.actor_index[(pool, r.dispatch_id % len(self.pools[pool]))], []).append(r)
+        for n, group in enumerate(groups.values()):
+            for j, r in enumerate(group):
+                r.call, r.slot = n, j
+        return list(groups.items())
+
+    @staticmethod
+    def items(ups: list[Inflight]) -> tuple[list, list]:
+        """Aggregator input ``(calls, items)``: the *references* of each actor call (the aggregator
+        fetches them itself, so the driver never waits for a training result before the
+        aggregation call; each reference travels once), and per update ``(call index, slot,
+        expected)`` in admission order."""
+        calls: dict = {}
+        items = []
+        for r in ups:
+            i = calls.setdefault(r.call_refs[0], (len(calls), r.call_refs))[0]
+            items.append((i, r.slot, r.expected))
+        return [refs for _, refs in calls.values()], items
+
+    @staticmethod
+    def headers(recs: list[Inflight]) -> dict:
+        """Update headers by dispatch id (one fetch per actor call); a lost one becomes its exception."""
+        calls = cluster.fetch_lists([r.call_refs[0] for r in recs])
+        return {r.dispatch_id: slot(calls[r.call_refs[0]], r.slot) for r in recs}
+
+
+def slot(headers, i: int):
+    """The header at ``i`` of one call's header list, or the exception that lost the call."""
+    return headers if isinstance(headers, Exception) else headers[i]

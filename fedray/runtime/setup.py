@@ -1,0 +1,54 @@
+"""Everything a run needs before the first dispatch: data, partitions, model, devices, task."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedray import config as C
+from fedray import seeding
+from fedray.client.trainer import get_params
+from fedray.data.datasets import Dataset, load_dataset
+from fedray.data.partition import cached_partition, partition
+from fedray.devices.profile import DeviceProfile
+from fedray.models.factory import build_model
+from fedray.models.info import ModelInfo
+from fedray.tasks import Task, get_task
+
+__all__ = ["Setup", "prepare"]
+
+
+@dataclass
+class Setup:
+    cfg: C.ExperimentConfig
+    dataset: Dataset
+    partitions: list[np.ndarray]
+    params: dict[str, np.ndarray]
+    model: ModelInfo
+    profiles: list[DeviceProfile]
+    task: Task
+
+    @property
+    def examples(self) -> np.ndarray:
+        return np.array([len(p) for p in self.partitions], dtype=np.int64)
+
+
+def prepare(cfg: C.ExperimentConfig) -> Setup:
+    """Load data (once), partition it (cached), build the initial model and the devices.
+    The model's structure (spec) is traced only when something asks for it."""
+    d = cfg.data
+    ds = load_dataset(d.name, root=d.root, download=d.download, seed=cfg.seed, test_fraction=d.test_fraction,
+                      options=d.options)
+    p = d.partition
+    key = {"data": d.name, "root": d.root, "options": d.options, "test_fraction": d.test_fraction,
+           "n": int(len(ds.y_train)), "clients": d.num_clients, "kind": p.kind, "alpha": p.alpha,
+           "classes_per_client": p.classes_per_client, "min_size": p.min_size, "seed": cfg.seed}
+    parts = cached_partition(d.cache_dir, key, lambda: partition(
+        ds.y_train, d.num_clients, p.kind, seed=seeding.derive(cfg.seed, "partition"), alpha=p.alpha,
+        classes_per_client=p.classes_per_client, writers=ds.writers, min_size=p.min_size))
+    torch.manual_seed(seeding.derive(cfg.seed, "init"))
+    model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, options=cfg.model.options)
+    info = ModelInfo(model, ds.x_train[:2], name=cfg.model.name, options=cfg.model.options,
+                     num_outputs=ds.num_classes)
+    return Setup(cfg, ds, parts, get_params(model), info, C.profiles(cfg), get_task(cfg.task.name, cfg.task.options))
