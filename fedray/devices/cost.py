@@ -15,7 +15,9 @@ For one dispatch of ``profile`` starting at virtual time ``t_start``:
   * bandwidth ``bw = mean * exp(bw_sigma * z - bw_sigma**2 / 2)`` (z1 down, z2 up):
     *mean-preserving*, since profiles and traces store means (PR-FL: "log-normal around
     per-client means").
-  * with a shared server link: ``bw = min(bw, shared_server_bps / concurrent)`` per direction.
+  * with a shared server link: ``bw = min(bw, shared_server_bps / concurrent)`` per direction,
+    ``concurrent`` = the transfers in that direction that overlap this one on the virtual clock
+    (:class:`ServerLink` counts them; ``concurrent_up`` for the upload, default the same).
   * ``noise_sigma`` (model-wide, default 0): extra mean-preserving log-normal jitter on
     compute (z3), download (z4) and upload (z5) seconds, for run-to-run variance that the
     device does not see; it does not change the reported conditions.
@@ -102,6 +104,7 @@ class CostModel:
         seed: int,
         round_key: int,
         concurrent: int = 1,
+        concurrent_up: int | None = None,
     ) -> Cost:
         """Cost of training ``train_flops`` and moving ``bytes_down``/``bytes_up`` from ``t_start``.
 
@@ -110,8 +113,10 @@ class CostModel:
         """
         if train_flops < 0 or bytes_down < 0 or bytes_up < 0:
             raise ValueError("train_flops, bytes_down and bytes_up must be >= 0")
-        if int(concurrent) != concurrent or concurrent < 1:
-            raise ValueError(f"concurrent must be an integer >= 1, got {concurrent!r}")
+        concurrent_up = concurrent if concurrent_up is None else concurrent_up
+        for c in (concurrent, concurrent_up):
+            if int(c) != c or c < 1:
+                raise ValueError(f"concurrent must be an integer >= 1, got {c!r}")
         seed = _check_key("seed", seed)
         round_key = _check_key("round_key", round_key)
 
@@ -131,8 +136,8 @@ class CostModel:
         down = down_mean * math.exp(s * z[1] - 0.5 * s * s)
         up = up_mean * math.exp(s * z[2] - 0.5 * s * s)
         if self.shared_server_bps is not None:
-            cap = self.shared_server_bps / concurrent
-            down, up = min(down, cap), min(up, cap)
+            down = min(down, self.shared_server_bps / concurrent)
+            up = min(up, self.shared_server_bps / concurrent_up)
 
         n = self.noise_sigma
         jitter = [math.exp(n * z[k] - 0.5 * n * n) for k in (3, 4, 5)]
@@ -166,11 +171,82 @@ def measured(profile: DeviceProfile, cost: Cost, compute_s: float) -> Cost:
     return dataclasses.replace(cost, compute_s=float(compute_s), total_s=total, energy_j=energy)
 
 
+@dataclass(frozen=True)
+class Spent:
+    """What a device spent on a dispatch it did not finish."""
+
+    energy_j: float
+    train_flops: int
+    bytes_down: int
+    bytes_up: int
+
+
+def cut_at(profile: DeviceProfile, cost: Cost, elapsed_s: float) -> Spent:
+    """What a device has done ``elapsed_s`` seconds into a dispatch (a round deadline): the
+    phases run one after another -- latency, download, compute, upload, latency -- and a phase
+    cut part-way counts that part (bytes, FLOPs and energy in proportion)."""
+    e = max(0.0, float(elapsed_s)) - cost.latency_s
+    down = min(1.0, max(0.0, e / cost.download_s)) if cost.download_s > 0 else float(e >= 0)
+    e -= cost.download_s
+    work = min(1.0, max(0.0, e / cost.compute_s)) if cost.compute_s > 0 else float(e >= 0)
+    e -= cost.compute_s
+    up = min(1.0, max(0.0, e / cost.upload_s)) if cost.upload_s > 0 else float(e >= 0)
+    energy = (profile.radio_power_w * (down * cost.download_s + up * cost.upload_s)
+              + profile.compute_power_w * work * cost.compute_s)
+    return Spent(energy, int(work * cost.train_flops), int(round(down * cost.bytes_down)),
+                 int(round(up * cost.bytes_up)))
+
+
 def partial(profile: DeviceProfile, cost: Cost, compute_fraction: float) -> tuple[float, int]:
     """(energy J, training FLOPs) a device spent on a dispatch it abandoned (a dropout, or a round
     deadline) after downloading the model and doing ``compute_fraction`` of its compute."""
     energy = profile.radio_power_w * cost.download_s + profile.compute_power_w * compute_fraction * cost.compute_s
     return energy, int(compute_fraction * cost.train_flops)
+
+
+class ServerLink:
+    """The server's link on the virtual clock, shared by the transfers that overlap.
+
+    Our model (deterministic, one pass): when a batch of dispatches starts, each transfer's
+    interval is first computed with the link to itself; a transfer then shares the link with
+    every other transfer *in the same direction* whose interval overlaps its own -- the other
+    transfers of the batch and those already scheduled -- and gets ``shared_server_bps /
+    (1 + overlaps)`` (if its own link is not slower). Transfers already scheduled keep their
+    times (a new transfer takes only its fair share of what is left, it does not slow the ones
+    in progress). A synchronous round's downloads all start together: with ``m`` clients each
+    gets ``1/m`` of the link.
+    """
+
+    def __init__(self):
+        self.down: list[tuple[float, float]] = []
+        self.up: list[tuple[float, float]] = []
+
+    def prune(self, t: float) -> None:
+        """Forget transfers that ended before ``t`` (the virtual clock only moves forward)."""
+        self.down = [iv for iv in self.down if iv[1] > t]
+        self.up = [iv for iv in self.up if iv[1] > t]
+
+    @staticmethod
+    def _count(iv, batch, scheduled, skip: int) -> int:
+        a, b = iv
+        n = sum(1 for j, (s, e) in enumerate(batch) if j != skip and s < b and a < e and e > s)
+        return n + sum(1 for s, e in scheduled if s < b and a < e and e > s)
+
+    def shares(self, downs, ups) -> list[tuple[int, int]]:
+        """``(concurrent downloads, concurrent uploads)`` for each transfer pair of a batch."""
+        return [(1 + self._count(d, downs, self.down, i), 1 + self._count(u, ups, self.up, i))
+                for i, (d, u) in enumerate(zip(downs, ups))]
+
+    def add(self, downs, ups) -> None:
+        self.down.extend(iv for iv in downs if iv[1] > iv[0])
+        self.up.extend(iv for iv in ups if iv[1] > iv[0])
+
+
+def transfer_intervals(cost: Cost, t_start: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(download, upload)`` intervals of a dispatch on the virtual clock."""
+    d0 = t_start + cost.latency_s
+    u0 = d0 + cost.download_s + cost.compute_s
+    return (d0, d0 + cost.download_s), (u0, u0 + cost.upload_s)
 
 
 # ----------------------------------------------------------------------------- battery

@@ -10,7 +10,7 @@ Driver side. Each client gets a width ratio ``beta`` from ``ratios``
   (the run's device profiles, from the planner's context).
 - ``assign: tier``: ``tier_ratios`` maps every device tier name to its ratio.
 
-The client trains the physically smaller model ``width_keep(spec, beta)``
+The client trains the physically smaller model ``width_keep(spec, beta, streams=True)``
 (the first ``ceil(beta C)`` channels of every prunable layer, inputs and
 outputs) with hidden-layer outputs scaled by ``1/beta`` during training
 (HeteroFL's scaler, the client algorithm's ``scale`` setting); it downloads and
@@ -26,12 +26,19 @@ weight 1, as the original HeteroFL code does.
 
 Batch norm ("static BN", ``bn_stats: static``, default): running statistics
 (``running_mean``, ``running_var``, ``num_batches_tracked``) are never
-aggregated; the global model keeps its own values (clients normalise with
-batch statistics while training). The paper recomputes global statistics by
-a pass over client data after training; we do not, so for models with
-BatchNorm the global evaluation uses the initial statistics. ``bn_stats: mean``
-averages them (masked mean) instead. Clients still send these buffers (a few
-bytes per channel); the server ignores them under ``static``.
+aggregated (clients normalise with batch statistics while training). As in the
+paper, the global model is evaluated -- and saved -- with statistics recomputed
+by the full model on training data: before every evaluation the server resets
+every batch norm and takes the cumulative average of the batch statistics over
+the first ``bn_examples`` training examples in train mode
+(:func:`fedray.aggregation.evaluate.recompute_bn`; the simulation's stand-in for
+querying the clients' data). ``bn_stats: mean`` averages the clients' statistics
+(masked mean) instead. Clients still send these buffers (a few bytes per
+channel); the server ignores them under ``static``.
+
+On ResNet the slices cut the residual stream of every stage too (its stem, every
+block's second convolution and projection, and their readers), not only the
+channels inside blocks.
 
 Schedule: synchronous rounds, as in the paper.
 """
@@ -47,7 +54,7 @@ from fedray.aggregation import rules
 from fedray.errors import ConfigError
 from fedray.methods.base import Assignment, ClientAlgorithm, Method, Planner, Server
 from fedray.methods.registry import register
-from fedray.params import UNIT_POS, _f
+from fedray.params import POS, UNIT_POS, _f
 from fedray.submodel.submodel import Submodel
 from fedray.submodel.width import width_submodel
 
@@ -98,6 +105,7 @@ class HeteroFLParams:
     tier_ratios: dict = _f(factory=dict, doc="tier: {tier name: ratio}")
     weight: str = _f("examples", choices=("examples", "count"), doc="masked-mean weight per client")
     bn_stats: str = _f("static", choices=("static", "mean"), doc="BatchNorm running statistics")
+    bn_examples: int = _f(2048, check=POS, doc="static: training examples the global statistics are recomputed on")
 
     def __post_init__(self):
         if not self.ratios:
@@ -150,6 +158,12 @@ class HeteroFLServer(Server):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._stat_keys = frozenset(ctx.spec.buffer_keys)
+
+    def eval_params(self, params, evaluator):
+        """Static BN: the global model's statistics recomputed on training data."""
+        if self.params.bn_stats != "static" or not self._stat_keys or evaluator is None or evaluator.train is None:
+            return params
+        return evaluator.bn_statistics(params, max_examples=self.params.bn_examples)
 
     def aggregate(self, global_params, entries, record):
         count = self.params.weight == "count"

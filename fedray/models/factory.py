@@ -64,7 +64,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *,
     with torch.random.fork_rng(devices=[]):
         full = build_zoo_model(name, input_shape, num_classes, opts)
         spec = model_spec(full, input_shape)
-    return build_compact(name, input_shape, num_classes, opts, spec, width_keep(spec, ratio))
+    return build_compact(name, input_shape, num_classes, opts, spec, width_keep(spec, ratio, streams=True))
 
 
 def build_compact(name: str, input_shape: tuple[int, ...], num_classes: int, options: Mapping[str, Any] | None,

@@ -39,6 +39,14 @@ Structural groups
     residual-stream channels of ResNet and class outputs never are.
     ``out_slices`` are ``(key, axis)`` of the tensors indexed by the channel
     (weight, bias, BN weight/bias/running_mean/running_var; all axis 0).
+
+    Residual streams (``ModelSpec.streams``) are groups too, declared by the model's
+    ``stream_links()`` (``(name, producers, consumers)``): the channels of a ResNet stage's
+    residual stream are written by several layers at once (the stem or the previous stage's
+    last block, every block's second convolution and its shortcut) and read by several, so
+    one channel index cuts all of them together. Streams are kept apart from ``groups``:
+    HeteroFL's width slices cut them too (:func:`width_keep` with ``streams=True``), channel
+    pruning by score (CA-HFP) and AutoFLIP's structured part prune only ``groups``.
     ``in_slices`` are ``(key, axis, block)`` of consumer weights: channel ``c``
     owns input columns ``c*block .. (c+1)*block-1`` on ``axis`` (``block`` = 1
     for conv->conv or linear->linear, ``H*W`` for conv->flatten->linear).
@@ -119,6 +127,7 @@ class ModelSpec:
     shapes: Mapping[str, tuple[int, ...]] = field(compare=False)
     param_keys: tuple[str, ...] = ()
     buffer_keys: tuple[str, ...] = ()
+    streams: tuple[Group, ...] = ()
 
     # ------------------------------------------------------------------ layers
     @property
@@ -195,10 +204,11 @@ class ModelSpec:
 
     # ------------------------------------------------------------------ groups / slicing
     def group(self, layer: str) -> Group:
-        for g in self.groups:
+        for g in self.groups + self.streams:
             if g.layer == layer:
                 return g
-        raise KeyError(f"layer '{layer}' has no prunable group; prunable: {', '.join(g.layer for g in self.groups)}")
+        names = ", ".join(g.layer for g in self.groups + self.streams)
+        raise KeyError(f"layer '{layer}' has no prunable group; prunable: {names}")
 
     def slice_index(self, keep: Keep) -> Index:
         """Per-key tuple of per-axis index arrays of the compact tensors.
@@ -326,11 +336,12 @@ def model_spec(model: nn.Module, input_shape: tuple[int, ...]) -> ModelSpec:
 
     links = model.channel_links() if hasattr(model, "channel_links") else []
     groups = _groups(layers, links, named)
+    streams = _streams(layers, model.stream_links() if hasattr(model, "stream_links") else [])
     param_keys = tuple(n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point())
     param_names = {n for n, _ in model.named_parameters()}
     buffer_keys = tuple(k for k in state if k not in param_names)
     return ModelSpec(input_shape=input_shape, layers=layers, groups=groups, shapes=shapes,
-                     param_keys=param_keys, buffer_keys=buffer_keys)
+                     param_keys=param_keys, buffer_keys=buffer_keys, streams=streams)
 
 
 def _layer_record(name: str, m: nn.Module, in_shape, out_shape, keys: list[str]) -> dict[str, Any]:
@@ -384,6 +395,33 @@ def _groups(layers: tuple[Layer, ...], links, modules: Mapping[str, nn.Module]) 
     return tuple(groups)
 
 
+def _out_slices(p: Layer) -> list[tuple[str, int]]:
+    out = [(p.weight_key, 0)]
+    if p.bias_key:
+        out.append((p.bias_key, 0))
+    return out + [(k, 0) for k in p.bn_keys if not k.endswith("num_batches_tracked")]
+
+
+def _streams(layers: tuple[Layer, ...], links) -> tuple[Group, ...]:
+    """Residual streams: ``(name, producers, consumers)`` with one channel count shared by all."""
+    by_name = {layer.name: layer for layer in layers}
+    out, seen = [], set()
+    for name, producers, consumers in links:
+        for n in (*producers, *consumers):
+            if n not in by_name:
+                raise ValueError(f"stream '{name}' names unknown layer '{n}'")
+        sizes = {by_name[p].out for p in producers} | {by_name[c].in_features for c in consumers}
+        if len(sizes) != 1:
+            raise ValueError(f"stream '{name}': producers and consumers disagree on its width {sorted(sizes)}")
+        if set(producers) & seen:
+            raise ValueError(f"stream '{name}' shares a producer with another stream")
+        seen |= set(producers)
+        out_slices = [sl for p in producers for sl in _out_slices(by_name[p])]
+        in_slices = [(by_name[c].weight_key, 1, 1) for c in consumers]
+        out.append(Group(layer=name, size=sizes.pop(), out_slices=tuple(out_slices), in_slices=tuple(in_slices)))
+    return tuple(out)
+
+
 # ---------------------------------------------------------------------- compact tensors
 
 def _np(x: Any) -> np.ndarray:
@@ -431,9 +469,11 @@ def scatter(compact: Mapping[str, Any], index: Index, like: Mapping[str, Any]) -
     return full, mask
 
 
-def width_keep(spec: ModelSpec, ratio: float) -> dict[str, np.ndarray]:
-    """HeteroFL slice: the first ``ceil(ratio * C)`` channels of every prunable layer (at least 1)."""
+def width_keep(spec: ModelSpec, ratio: float, *, streams: bool = False) -> dict[str, np.ndarray]:
+    """HeteroFL slice: the first ``ceil(ratio * C)`` channels of every prunable layer (at least 1),
+    and with ``streams`` of every residual stream too."""
     if not 0 < ratio <= 1:
         raise ValueError(f"width ratio must be in (0, 1], got {ratio}")
     # round() first so that e.g. 0.6 * 10 = 6.000000000000001 keeps 6, not 7
-    return {g.layer: np.arange(max(1, math.ceil(round(ratio * g.size, 9))), dtype=np.int64) for g in spec.groups}
+    groups = spec.groups + (spec.streams if streams else ())
+    return {g.layer: np.arange(max(1, math.ceil(round(ratio * g.size, 9))), dtype=np.int64) for g in groups}

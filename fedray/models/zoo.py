@@ -48,9 +48,12 @@ Per-model options:
               variant: 3x3 stride-1 stem conv + BN + ReLU, no max-pool, four
               stages of two BasicBlocks (strides 1,2,2,2), global average
               pool, ``linear``. Convolutions have no bias; each is followed by
-              BatchNorm. A block's shortcut (1x1 conv + BN, when shape changes)
-              is computed *before* its main path, so module order equals
-              execution order. Prunable: each block's ``conv1`` outputs only.
+              BatchNorm. A block's shortcut (1x1 conv + BN, in the first block
+              of stages 2-4) is computed *before* its main path, so module order
+              equals execution order. Prunable groups: each block's ``conv1``
+              outputs. Residual streams (``stream_links``, widths ``stage1`` ..
+              ``stage4``): every stage's stream channels, cut together by width
+              slices (HeteroFL), never by channel pruning.
 """
 from __future__ import annotations
 
@@ -280,9 +283,9 @@ class BasicBlock(nn.Module):
     The shortcut is computed first so that module order equals execution order.
     """
 
-    def __init__(self, cin: int, mid: int, out: int, stride: int):
+    def __init__(self, cin: int, mid: int, out: int, stride: int, projection: bool | None = None):
         super().__init__()
-        if stride != 1 or cin != out:
+        if projection if projection is not None else (stride != 1 or cin != out):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
         else:
             self.shortcut = nn.Sequential()
@@ -309,7 +312,8 @@ class ResNet(nn.Module):
             stage = []
             for b in range(n):
                 stride = 2 if (s > 1 and b == 0) else 1
-                stage.append(BasicBlock(c, mids[f"layer{s}.{b}.conv1"], out, stride))
+                # the architecture, not the (possibly sliced) widths, decides where projections are
+                stage.append(BasicBlock(c, mids[f"layer{s}.{b}.conv1"], out, stride, projection=s > 1 and b == 0))
                 c = out
             setattr(self, f"layer{s}", nn.Sequential(*stage))
         self.num_stages = len(stage_channels)
@@ -327,6 +331,22 @@ class ResNet(nn.Module):
         return [(f"layer{s}.{b}.conv1", (f"layer{s}.{b}.conv2",))
                 for s, n in enumerate(self.blocks, start=1) for b in range(n)]
 
+    def stream_links(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        """The residual stream of each stage: written by the stem (stage 1) or the stage's first
+        block's projection, and by every block's ``conv2``; read by the stage's later blocks and
+        by the next stage's first block (or the classifier)."""
+        out = []
+        for s, n in enumerate(self.blocks, start=1):
+            producers = ["conv1"] if s == 1 else [f"layer{s}.0.shortcut.0"]
+            producers += [f"layer{s}.{b}.conv2" for b in range(n)]
+            consumers = [f"layer{s}.{b}.conv1" for b in range(0 if s == 1 else 1, n)]
+            if s < self.num_stages:
+                consumers += [f"layer{s + 1}.0.conv1", f"layer{s + 1}.0.shortcut.0"]
+            else:
+                consumers += ["linear"]
+            out.append((f"stage{s}", tuple(producers), tuple(consumers)))
+        return out
+
 
 def _build_resnet18(input_shape, num_classes, options) -> nn.Module:
     _check_options("resnet18", options, ("width",))
@@ -334,8 +354,9 @@ def _build_resnet18(input_shape, num_classes, options) -> nn.Module:
     width = _positive_float(options.get("width", 1.0), "model.options.width")
     stages = [_scaled(c, width) for c in (64, 128, 256, 512)]
     defaults = {f"layer{s}.{b}.conv1": stages[s - 1] for s in range(1, 5) for b in range(2)}
+    defaults.update({f"stage{s}": stages[s - 1] for s in range(1, 5)})
     widths = _widths(options, defaults)
-    return ResNet(shape[0], stages, widths, num_classes)
+    return ResNet(shape[0], [widths[f"stage{s}"] for s in range(1, 5)], widths, num_classes)
 
 
 # --------------------------------------------------------------------------- registry

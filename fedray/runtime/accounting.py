@@ -54,7 +54,7 @@ class Accounting:
                "client_id": a.client_id, "tier": p.tier, "slow": bool(self.dispatcher.slow[a.client_id]),
                "t_start": r.t_start, "virtual_s": r.t_end, "round_s": r.t_end - r.t_start,
                "compute_s": r.cost.compute_s, "comm_s": r.cost.download_s + r.cost.upload_s,
-               "bytes_down": r.cost.bytes_down, "bytes_up": r.bytes_up if sent else 0,
+               "bytes_down": r.bytes_down, "bytes_up": r.bytes_up if sent else 0,
                "egress_bytes": r.egress, "train_flops": r.flops, "energy_j": r.energy_j,
                "sparse_train_flops": int(r.flops * r.sub.sparse_factor), "layers": r.sub.layers,
                "layers_included": 0.0}

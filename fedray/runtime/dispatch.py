@@ -50,6 +50,7 @@ class Inflight:
     expected: object = field(default=None, compare=False)  # what the server expects of the update
     egress: int = field(default=0, compare=False)  # server bytes sent for this download
     bytes_up: int = field(default=0, compare=False)  # bytes the device sent (a cut upload: a part)
+    bytes_down: int = field(default=0, compare=False)  # bytes it received (a cut download: a part)
     call_refs: list = field(default=None, compare=False)  # [headers ref, payload refs...] of a driver-sent call
     call: int = field(default=0, compare=False)  # the call's index among its dispatch's calls
     slot: int = field(default=0, compare=False)  # this task's index in the call's lists
@@ -70,6 +71,7 @@ class Dispatcher:
         self.version = 0
         self.cost_model = costs.CostModel(shared_server_bps=cfg.devices.shared_server_bps,
                                           noise_sigma=cfg.devices.noise_sigma)
+        self.link = costs.ServerLink() if cfg.devices.shared_server_bps is not None else None
         self._costs: dict[int, tuple] = {}  # id(submodel) -> (submodel, cost, expected)
         self._sent: set = set()  # (version, piece) already sent (shared download pieces)
         n = cfg.data.num_clients
@@ -116,20 +118,24 @@ class Dispatcher:
     def launch(self, clients, t: float, rnd: int) -> list[Inflight]:
         """Plan, cost and dispatch ``clients`` at virtual time ``t``; returns their records."""
         cfg, tc = self.cfg, self.cfg.train
-        recs: list[Inflight] = []
+        planned = []
         for c in clients:
             c = int(c)
             did = self.next_dispatch
             self.next_dispatch += 1
             a = self.planner.plan(c, self.version)
-            prof = self.profiles[c]
             sc, expected = self.cost_of(a.submodel)
             epochs = a.local_epochs if a.local_epochs is not None else tc.local_epochs
             steps = a.local_steps if a.local_steps is not None else tc.local_steps
             examples = examples_processed(int(self.setup.examples[c]), tc.batch_size, epochs, steps)
-            flops = examples * sc.flops_per_example + sc.extra_flops
+            planned.append((c, did, a, sc, expected, examples * sc.flops_per_example + sc.extra_flops))
+        shares = self._shares(planned, t)
+        recs: list[Inflight] = []
+        for (c, did, a, sc, expected, flops), (n_down, n_up) in zip(planned, shares):
+            prof = self.profiles[c]
             cst = self.cost_model.estimate(prof, train_flops=flops, bytes_down=sc.bytes_down, bytes_up=sc.bytes_up,
-                                           t_start=t, seed=cfg.seed, round_key=did)
+                                           t_start=t, seed=cfg.seed, round_key=did, concurrent=n_down,
+                                           concurrent_up=n_up)
             tele = {"round_s": cst.total_s, "compute_s": cst.compute_s, "comm_s": cst.download_s + cst.upload_s,
                     "cpu_load": cst.cpu_load, "download_bps": cst.download_bps, "upload_bps": cst.upload_bps,
                     "battery": float(self.battery[c]), "speed": prof.speed}
@@ -139,11 +145,26 @@ class Dispatcher:
             if drop is not None:  # the device drops after a fraction of its compute, before uploading
                 recs.append(Inflight(t + cst.download_s + cst.latency_s + drop * cst.compute_s, did, task, cst, t,
                                      "drop", rnd, *costs.partial(prof, cst, drop), sub=sc, expected=expected,
-                                     egress=egress))
+                                     egress=egress, bytes_down=cst.bytes_down))
             else:
                 recs.append(Inflight(t + cst.total_s, did, task, cst, t, "update", rnd, cst.energy_j, cst.train_flops,
-                                     sub=sc, expected=expected, egress=egress, bytes_up=cst.bytes_up))
+                                     sub=sc, expected=expected, egress=egress, bytes_up=cst.bytes_up,
+                                     bytes_down=cst.bytes_down))
+        if self.link is not None:
+            ivs = [costs.transfer_intervals(r.cost, t) for r in recs]
+            self.link.add([d for d, _ in ivs], [u for r, (_, u) in zip(recs, ivs) if r.outcome == "update"])
         return recs
+
+    def _shares(self, planned, t: float) -> list[tuple[int, int]]:
+        """Concurrent transfers on the server link for each planned dispatch (1 without a shared link)."""
+        if self.link is None:
+            return [(1, 1)] * len(planned)
+        self.link.prune(t)
+        alone = [self.cost_model.estimate(self.profiles[c], train_flops=flops, bytes_down=sc.bytes_down,
+                                          bytes_up=sc.bytes_up, t_start=t, seed=self.cfg.seed, round_key=did)
+                 for c, did, _, sc, _, flops in planned]
+        ivs = [costs.transfer_intervals(x, t) for x in alone]
+        return self.link.shares([d for d, _ in ivs], [u for _, u in ivs])
 
     def apply_deadline(self, recs: list[Inflight], t: float, rule) -> float | None:
         """Mark the records past the round's deadline (``rule(predicted round times)``) ``late``:
@@ -154,10 +175,11 @@ class Dispatcher:
         if limit is None:
             return None
         for r in recs:
-            if r.outcome == "update" and r.t_end - t > limit:
-                done = (limit - r.cost.download_s - r.cost.latency_s) / max(r.cost.compute_s, 1e-12)
+            if r.outcome == "update" and r.t_end - t > limit:  # it has done what fits before the deadline
+                spent = costs.cut_at(self.profiles[r.client_id], r.cost, limit)
                 r.outcome, r.t_end = "late", t + limit
-                r.energy_j, r.flops = costs.partial(self.profiles[r.client_id], r.cost, min(1.0, max(0.0, done)))
+                r.energy_j, r.flops, r.bytes_up, r.bytes_down = (spent.energy_j, spent.train_flops, spent.bytes_up,
+                                                                  spent.bytes_down)
         return limit
 
     def occupy(self, recs: list[Inflight], t: float) -> None:

@@ -134,16 +134,15 @@ class Runner:
         nxt = self.dispatcher.version + 1
         return nxt % self.cfg.server.eval_every == 0 or nxt >= self.cfg.server.rounds
 
-    def client_eval_due(self, key: int) -> list[int] | None:
-        """The clients evaluated on their own data after this aggregation (None: none due)."""
+    def client_eval_due(self, version: int) -> list[int] | None:
+        """The clients evaluated on their own data once model ``version`` exists (None: none due)."""
         every = self.cfg.server.client_eval_every
-        nxt = self.dispatcher.version + 1
-        if not every or not (nxt % every == 0 or nxt >= self.cfg.server.rounds):
+        if not every or not (version % every == 0 or version >= self.cfg.server.rounds):
             return None
         n, k = self.cfg.data.num_clients, self.cfg.server.client_eval_clients
         if k is None or k >= n:
             return list(range(n))
-        return sorted(int(c) for c in seeding.rng(self.cfg.seed, "client_eval", key).choice(n, size=k, replace=False))
+        return sorted(int(c) for c in seeding.rng(self.cfg.seed, "client_eval", version).choice(n, size=k, replace=False))
 
     # ------------------------------------------------------------ main
     def run(self) -> dict:
@@ -178,7 +177,7 @@ class Runner:
             metrics = res.get("metrics")
             clients = res.get("clients")
             if clients is None and self.method.schedule != "sync":
-                due = self.client_eval_due(rnd)
+                due = self.client_eval_due(v)
                 clients = ray.get(self.aggregator.client_metrics.remote(due)) if due else None
             extra = {}
             if clients:

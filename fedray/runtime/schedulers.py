@@ -81,7 +81,7 @@ def run_sync(run, on_aggregate) -> None:
         items = [(x.call, x.slot, x.expected) for x in recs if x.outcome == "update"]
         record = RoundRecord(d.version, tuple(int(c) for c in sel),
                              tuple(x.client_id for x in recs if x.outcome != "update"), limit)
-        planned.append((recs, (dispatch, items, run.eval_due(), record, run.client_eval_due(r)), r))
+        planned.append((recs, (dispatch, items, run.eval_due(), record, run.client_eval_due(d.version + 1)), r))
         d.version += 1
         for x in recs:  # every client of a synchronous round is done when the round ends
             d.busy[x.client_id] = False

@@ -10,7 +10,8 @@ residual stream) keep all their outputs; scalars (``num_batches_tracked``)
 are covered.
 
 :func:`width_submodel` is HeteroFL's rule: the first ``ceil(ratio * C)``
-channels of every prunable layer (:func:`fedray.models.spec.width_keep`).
+channels of every prunable layer and of every residual stream (ResNet's stages;
+:func:`fedray.models.spec.width_keep` with ``streams=True``).
 """
 from __future__ import annotations
 
@@ -47,5 +48,5 @@ def keep_mask(spec: ModelSpec, params_like: Mapping[str, np.ndarray], keep: Keep
 def width_submodel(spec: ModelSpec, params_like: Mapping[str, np.ndarray],
                    ratio: float) -> tuple[dict[str, np.ndarray], Mask]:
     """HeteroFL slice at ``ratio`` in (0, 1]: ``(keep, mask)``."""
-    keep = width_keep(spec, ratio)
+    keep = width_keep(spec, ratio, streams=True)
     return keep, keep_mask(spec, params_like, keep)

@@ -138,6 +138,9 @@ def test_width_ratio_builds_heterofl_slice_without_extra_rng_use():
     assert torch.equal(after_a, after_b)
     r = build_model("resnet18", (3, 32, 32), 10, options={"width_ratio": 0.25})
     rsd = r.state_dict()
-    assert tuple(rsd["layer1.0.conv1.weight"].shape) == (16, 64, 3, 3)   # block-internal channels sliced
-    assert tuple(rsd["layer1.0.conv2.weight"].shape) == (64, 16, 3, 3)
-    assert tuple(rsd["conv1.weight"].shape) == (64, 3, 3, 3)             # stem / residual stream kept
+    # regression: HeteroFL slices the residual stream of every stage too, not only block-internal channels
+    assert tuple(rsd["layer1.0.conv1.weight"].shape) == (16, 16, 3, 3)
+    assert tuple(rsd["layer1.0.conv2.weight"].shape) == (16, 16, 3, 3)
+    assert tuple(rsd["conv1.weight"].shape) == (16, 3, 3, 3)             # the stem writes stage 1's stream
+    assert tuple(rsd["layer2.0.shortcut.0.weight"].shape) == (32, 16, 1, 1)
+    assert tuple(rsd["linear.weight"].shape) == (10, 128)                # stage 4's stream: 512 / 4
