@@ -60,31 +60,6 @@ class ComparePlan:
         return Path(self.base.runtime.out_dir) / self.base.experiment
 
 
-def split_sections(path: str | Path, overrides=(), section: str = SECTION, known: tuple[str, ...] = KNOWN_KEYS,
-                   what: str = "methods, seeds") -> tuple[dict, Mapping]:
-    """Read a YAML file, apply ``key=value`` overrides to all of it, and pop ``section``.
-
-    Returns (base mapping, the section). The section must exist, be a mapping and use only
-    ``known`` keys (``what`` names them in the error). A string ``method`` is normalised to
-    ``{name: ...}`` so ``method.x`` paths can be set.
-    """
-    raw = C.read_yaml(path)
-    for text in overrides:
-        key, value = C.parse_override(text)
-        C.set_path(raw, key, value)
-    sec = raw.pop(section, None)
-    if sec is None:
-        raise ConfigError(section, f"'{path}' has no {section}: section ({what})")
-    if not isinstance(sec, Mapping):
-        raise ConfigError(section, f"must be a mapping ({what}), got {sec!r}")
-    for k in sec:
-        if k not in known:
-            raise ConfigError(f"{section}.{k}", f"unknown key (known: {', '.join(known)})")
-    if isinstance(raw.get("method"), str):
-        raw["method"] = {"name": raw["method"]}
-    return raw, sec
-
-
 def _method_entry(entry, i: int) -> tuple[str, dict]:
     where = f"compare.methods[{i}]"
     if isinstance(entry, str):
@@ -104,7 +79,7 @@ def _method_entry(entry, i: int) -> tuple[str, dict]:
 
 def plan(path: str | Path, overrides=(), *, out: str | None = None) -> ComparePlan:
     """Validate a compare config into its list of runs (methods outer, seeds inner)."""
-    base_raw, sec = split_sections(path, overrides)
+    base_raw, sec = C.read_sections(path, overrides, SECTION, KNOWN_KEYS, "methods, seeds")
     methods = sec.get("methods")
     if methods is None or (isinstance(methods, (list, tuple)) and len(methods) == 0):
         raise ConfigError("compare.methods", "must not be empty")

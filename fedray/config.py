@@ -13,9 +13,6 @@ validated against the method's own ``Params`` dataclass (see
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,7 +21,7 @@ import yaml
 
 from fedray.errors import ConfigError
 
-from fedray.params import FRACTION, NONNEG, POS, UNIT, UNIT_POS, _f  # noqa: F401 (field helpers)
+from fedray.params import FRACTION, NONNEG, POS, UNIT, UNIT_POS, _f, build  # noqa: F401 (field helpers)
 
 # ---------------------------------------------------------------- sections
 
@@ -177,107 +174,6 @@ class ExperimentConfig:
 # ---------------------------------------------------------------- building
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value, tp, path: str):
-    """Check ``value`` against the annotation ``tp``; return the converted value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(path, "must not be null")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, path)
-    if tp is Any:
-        return value
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(path, f"must be one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(path, f"must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(path, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(path, f"must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"must be a number, got {value!r}")
-        if math.isnan(value):
-            raise ConfigError(path, f"must be a number, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, f"must be a string, got {value!r}")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(path, f"must be a mapping, got {value!r}")
-        return dict(value)
-    if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
-    raise ConfigError(path, f"unsupported type {_type_name(tp)}")
-
-
-def build(cls, data: Mapping | None, path: str = ""):
-    """Build frozen dataclass ``cls`` from a mapping, validating every field."""
-    if data is None:
-        data = {}
-    if dataclasses.is_dataclass(data) and isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ConfigError(path or "<root>", f"must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(where, f"unknown key (known: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, f in fields.items():
-        where = f"{path}.{name}" if path else name
-        if name not in data:
-            continue
-        value = _coerce(data[name], hints[name], where)
-        meta = f.metadata
-        if value is not None and meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(where, f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-        check = meta.get("check")
-        if value is not None and check is not None:
-            values = value if isinstance(value, tuple) else (value,)
-            for v in values:
-                if not check[0](v):
-                    raise ConfigError(where, f"must be {check[1]}, got {v!r}")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
 def to_dict(obj) -> Any:
     """Plain YAML-able structure of a config (tuples become lists)."""
     if dataclasses.is_dataclass(obj):
@@ -405,49 +301,14 @@ def _check_cross(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.partition.kind", f"'natural' needs a data set with writers (femnist, synthetic), not {cfg.data.name!r}")
     if cfg.devices.trace_path is not None and not Path(cfg.devices.trace_path).is_file():
         raise ConfigError("devices.trace_path", f"file '{cfg.devices.trace_path}' does not exist")
+    from fedray.devices.population import population
+
     population(cfg.devices)  # validates tiers and ranges with field paths
     if cfg.train.local_epochs == 0 and cfg.train.local_steps is None:
         raise ConfigError("train.local_epochs", "must be > 0 unless train.local_steps is set")
 
 
-def population(dev: DevicesConfig):
-    """The :class:`fedray.devices.profile.PopulationSpec` a ``devices`` section describes."""
-    from fedray.devices.profile import TIER_PRESETS, PopulationSpec, TierSpec
-
-    if isinstance(dev.tiers, str):
-        if dev.tiers not in TIER_PRESETS:
-            raise ConfigError("devices.tiers", f"unknown preset {dev.tiers!r}; choose from: {', '.join(TIER_PRESETS)} or a list")
-        tiers = TIER_PRESETS[dev.tiers]()
-    elif isinstance(dev.tiers, (list, tuple)) and dev.tiers:
-        tiers = []
-        for i, t in enumerate(dev.tiers):
-            if isinstance(t, TierSpec):
-                tiers.append(t)
-                continue
-            if not isinstance(t, Mapping) or "name" not in t:
-                raise ConfigError(f"devices.tiers[{i}]", "must be a mapping with at least name and fraction")
-            tiers.append(build(TierSpec, t, f"devices.tiers[{i}]"))
-        tiers = tuple(tiers)
-    else:
-        raise ConfigError("devices.tiers", f"must be a preset name or a non-empty list of tiers, got {dev.tiers!r}")
-    return PopulationSpec(
-        reference_flops=dev.reference_flops, tiers=tiers, link=dev.link, bw_sigma=dev.bw_sigma,
-        link_means=dev.link_means, download_bps_range=tuple(dev.download_bps_range),
-        upload_bps_range=tuple(dev.upload_bps_range), cpu_load=dev.cpu_load, load_sigma=dev.load_sigma,
-        dropout_prob=dev.dropout_prob, availability=dev.availability,
-        availability_cycle_s=dev.availability_cycle_s, trace_path=dev.trace_path)
-
-
 TOOL_SECTIONS = ("compare", "tune")
-
-
-def profiles(cfg: ExperimentConfig):
-    """The run's device profiles: one per client, drawn from ``devices`` with the run's seed.
-    The loop and every method that plans by device (HeteroFL, CA-HFP) use this one draw."""
-    from fedray import seeding
-    from fedray.devices.profile import build_population
-
-    return build_population(cfg.data.num_clients, population(cfg.devices), seeding.derive(cfg.seed, "devices"))
 
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -464,6 +325,30 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
         data["method"] = ({k: v for k, v in first.items() if k != "label"} if isinstance(first, Mapping)
                           else {"name": first})
     return from_dict(data, [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in TOOL_SECTIONS])
+
+
+def read_sections(path: str | Path, overrides, section: str, known: tuple[str, ...], what: str) -> tuple[dict, Mapping]:
+    """Read a YAML file, apply ``key=value`` overrides to all of it, and pop ``section``.
+
+    Returns (base mapping, the section). The section must exist, be a mapping and use only
+    ``known`` keys (``what`` names them in the error). A string ``method`` is normalised to
+    ``{name: ...}`` so ``method.x`` paths can be set.
+    """
+    raw = read_yaml(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(raw, key, value)
+    sec = raw.pop(section, None)
+    if sec is None:
+        raise ConfigError(section, f"'{path}' has no {section}: section ({what})")
+    if not isinstance(sec, Mapping):
+        raise ConfigError(section, f"must be a mapping ({what}), got {sec!r}")
+    for k in sec:
+        if k not in known:
+            raise ConfigError(f"{section}.{k}", f"unknown key (known: {', '.join(known)})")
+    if isinstance(raw.get("method"), str):
+        raw["method"] = {"name": raw["method"]}
+    return raw, sec
 
 
 def dump(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -48,6 +48,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("bytes up", "bytes_up", "bytes"),
     ("bytes down", "bytes_down", "bytes"),
     ("SDIR", "sdir", "ratio"),
+    ("layer SDIR", "sdir_layers", "ratio"),
     ("energy (J)", "energy_j", "joules"),
 )
 

@@ -65,6 +65,7 @@ import yaml
 from fedray import config as C
 from fedray import storage as S
 from fedray.errors import ConfigError
+from fedray.devices import population
 
 SECTION = "tune"
 KNOWN_KEYS = ("metric", "mode", "num_samples", "max_concurrent_trials", "driver_cpus", "scheduler", "space")
@@ -202,9 +203,7 @@ def _scheduler(raw) -> SchedulerSpec | None:
 
 def load_spec(path: str | Path, overrides=()) -> TuneSpec:
     """Read and validate a tune config (base config, tune section, search space)."""
-    from fedray.compare import split_sections
-
-    base, sec = split_sections(path, overrides, SECTION, KNOWN_KEYS, "space, metric, scheduler")
+    base, sec = C.read_sections(path, overrides, SECTION, KNOWN_KEYS, "space, metric, scheduler")
     cfg = C.from_dict(base)
     metric = sec.get("metric", "accuracy")
     if metric not in METRICS:
@@ -256,11 +255,7 @@ def client_actor_options(cfg: C.ExperimentConfig) -> list[dict]:
 
     profiles = []
     if cfg.devices.actor_per_tier:  # per-tier pools depend on which tiers have clients
-        from fedray import seeding
-        from fedray.devices.profile import build_population
-
-        profiles = build_population(cfg.data.num_clients, C.population(cfg.devices),
-                                    seeding.derive(cfg.seed, "devices"))
+        profiles = population.profiles(cfg)
     pools, _ = cluster.create_client_actors(without_own_placement(cfg), profiles, lambda opts: dict(opts))
     return [o for pool in pools.values() for o in pool]
 

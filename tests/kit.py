@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedray import config as C
 from fedray.aggregation.core import AggregatorCore
 from fedray.channel import Channel
 from fedray.methods import registry
 from fedray.methods.base import ClientContext, PlanContext, ServerContext
 from fedray.models import build_model
 from fedray.models.info import ModelInfo
+from fedray.devices import population
 
 
 def model_info(name="mlp", options=None, input_shape=(64,), outputs=10, seed=0):
@@ -26,7 +26,7 @@ def plan_context(cfg, info, examples=None):
     n = cfg.data.num_clients
     like = info.like if info is not None else {}
     examples = np.full(n, 10, np.int64) if examples is None else np.asarray(examples)
-    return PlanContext(cfg, cfg.method.name, cfg.method.params, info, Channel(like), C.profiles(cfg), examples)
+    return PlanContext(cfg, cfg.method.name, cfg.method.params, info, Channel(like), population.profiles(cfg), examples)
 
 
 def planner_for(cfg, info=None, examples=None):

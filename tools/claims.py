@@ -69,9 +69,12 @@ def fedbuff(runs) -> list[str]:
 def clamp(runs) -> list[str]:
     labs = [x for x in ("ma_clamp", "clamp", "fedavg", "fedavg_deadline", "fedpmt") if x in runs]
     out = table(runs, labs, [("time to target (s)", fmt_t), ("SDIR", lambda s: f"{s['sdir']:.3f}"),
+                             ("layer SDIR", lambda s: f"{s.get('sdir_layers', float('nan')):.3f}"),
                              ("FLOPs/acc pt", lambda s: f"{s['flops_per_accuracy_point'] / 1e6:.1f}M")])
     tm, tc = mean(runs, "ma_clamp", lambda s: ttt(s)[0]), mean(runs, "clamp", lambda s: ttt(s)[0])
     sm, sc = mean(runs, "ma_clamp", lambda s: s["sdir"]), mean(runs, "clamp", lambda s: s["sdir"])
+    lm = mean(runs, "ma_clamp", lambda s: s.get("sdir_layers", float("nan")))
+    lc = mean(runs, "clamp", lambda s: s.get("sdir_layers", float("nan")))
     fm = mean(runs, "ma_clamp", lambda s: s["flops_per_accuracy_point"])
     fc = mean(runs, "clamp", lambda s: s["flops_per_accuracy_point"])
     reached = any(ttt(s)[1] for lab in ("ma_clamp", "clamp") for s in runs[lab].values())
@@ -80,7 +83,8 @@ def clamp(runs) -> list[str]:
     am, ac = mean(runs, "ma_clamp", lambda s: s["final_accuracy"]), mean(runs, "clamp", lambda s: s["final_accuracy"])
     out.append(f"MA-CLAMP vs CLAMP, mean final accuracy at the same virtual-time budget {am:.3f} vs {ac:.3f} "
                f"(faster convergence shows as higher accuracy at equal time) -> {verdict(am > ac)}")
-    out.append(f"MA-CLAMP vs CLAMP, mean SDIR {sm:.3f} vs {sc:.3f} (claim ~10% higher) -> {verdict(sm > sc)}")
+    out.append(f"MA-CLAMP vs CLAMP, mean SDIR {sm:.3f} vs {sc:.3f} (update level: both keep every slow device) "
+               f"and layer-level SDIR {lm:.3f} vs {lc:.3f} (claim ~10% higher) -> {verdict(lm > lc)}")
     out.append(f"MA-CLAMP vs CLAMP, training FLOPs per accuracy point {fm / 1e6:.1f}M vs {fc / 1e6:.1f}M "
                f"(claim: more FLOP-efficient) -> {verdict(fm < fc)}")
     return out
@@ -88,7 +92,8 @@ def clamp(runs) -> list[str]:
 
 def prfl(runs) -> list[str]:
     labs = [x for x in ("prfl", "fedasync", "fedfix", "fedavg", "heterofl") if x in runs]
-    out = table(runs, labs, [("time to target (s)", fmt_t), ("final acc", lambda s: f"{s['final_accuracy']:.3f}")])
+    out = table(runs, labs, [("time to target (s)", fmt_t), ("final acc", lambda s: f"{s['final_accuracy']:.3f}"),
+                             ("egress / down", lambda s: f"{s.get('server_egress', s['bytes_down']) / s['bytes_down']:.2f}")])
     tp = mean(runs, "prfl", lambda s: ttt(s)[0])
     for other in labs[1:]:
         to = mean(runs, other, lambda s: ttt(s)[0])

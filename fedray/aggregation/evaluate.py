@@ -6,6 +6,7 @@ The metrics are the task's (:mod:`fedray.tasks`): classification reports ``accur
 """
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -76,7 +77,10 @@ def recompute_bn(model: nn.Module, params: Mapping[str, np.ndarray], x: np.ndarr
             m.momentum = None
             m.train()
         for s in range(0, len(x), batch_size):
-            model(torch.from_numpy(np.ascontiguousarray(x[s:s + batch_size])).to(device))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the object store
+                xb = torch.from_numpy(np.ascontiguousarray(x[s:s + batch_size])).to(device)
+            model(xb)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom

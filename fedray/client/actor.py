@@ -12,7 +12,7 @@ import os
 
 import ray
 
-from fedray.client.worker import ClientWorker, Task, submodel_view  # noqa: F401 (re-exported)
+from fedray.client.worker import ClientWorker, Task  # noqa: F401 (Task: what a call carries)
 
 
 @ray.remote

@@ -122,8 +122,8 @@ class ClientWorker:
             run.model, run.named = model, _named(model)
             self.algorithm.prepare(run)
             stats = local_train(model, run.start, self.x, self.y, idx, cfg, seed=seed, trainable=trainable, mask=mask,
-                        device=self.device, on_step=throttle.step if throttle is not None else None,
-                        loss_fn=self.task.loss, hooks=self.algorithm, run=run)
+                                device=self.device, on_step=throttle.step if throttle is not None else None,
+                                loss_fn=self.task.loss, hooks=self.algorithm, run=run)
             if index is not None:
                 values, send = scatter(get_params(model), index, params)
             else:

@@ -41,7 +41,6 @@ see ``docs/extending.md``.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
@@ -239,22 +238,30 @@ class LocalRun:
 # ---------------------------------------------------------------------------- parts
 
 
-def _state_of(cls):
-    return cls() if cls is not None else None
+class _Part:
+    """What a planner and a server share: the context, the method's params and ``self.state``,
+    the part's explicit state (an instance of ``State``, a dataclass; None without one)."""
 
+    State: ClassVar[type | None] = None
 
-class Planner:
-    """Driver side: uniform selection, the whole model for everyone."""
-
-    State: ClassVar[type | None] = None  # the planner's explicit state (a dataclass), or None
-
-    def __init__(self, ctx: PlanContext):
+    def __init__(self, ctx):
         self.ctx = ctx
         self.params = ctx.params
         self.state = self.init_state()
 
     def init_state(self):
-        return _state_of(self.State)
+        return self.State() if self.State is not None else None
+
+    def state_dict(self) -> dict:
+        return {"state": self.state}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore ``self.state``; a part with caches derived from it rebuilds them here."""
+        self.state = state["state"]
+
+
+class Planner(_Part):
+    """Driver side: uniform selection, the whole model for everyone."""
 
     def select(self, rng: np.random.Generator, candidates: np.ndarray, k: int) -> np.ndarray:
         """Pick ``k`` of the available ``candidates`` (uniform, without replacement)."""
@@ -292,25 +299,9 @@ class Planner:
         """Interval schedule: virtual seconds between aggregations."""
         raise TypeError(f"{self.ctx.method} has no interval schedule")
 
-    def state_dict(self) -> dict:
-        return {"state": self.state}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        self.state = state["state"]
-
-
-class Server:
+class Server(_Part):
     """Aggregator side: the mean weighted by example count."""
-
-    State: ClassVar[type | None] = None
-
-    def __init__(self, ctx: ServerContext):
-        self.ctx = ctx
-        self.params = ctx.params
-        self.state = self.init_state()
-
-    def init_state(self):
-        return _state_of(self.State)
 
     def start(self, global_params: Params) -> Mapping | None:
         """A message for the planner before the first dispatch (None: nothing)."""
@@ -342,12 +333,6 @@ class Server:
     def personalize(self, params: Params, client_state: Mapping | None) -> Params:
         """One client's model for its own evaluation (FedPer: the global body and its head)."""
         return params
-
-    def state_dict(self) -> dict:
-        return {"state": self.state}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.state = state["state"]
 
 
 class ClientAlgorithm:
@@ -400,17 +385,3 @@ class Method:
     Planner: ClassVar[type] = Planner
     Server: ClassVar[type] = Server
     Client: ClassVar[type] = ClientAlgorithm
-
-    @classmethod
-    def default_params(cls):
-        return cls.Params()
-
-    @classmethod
-    def summary(cls) -> str:
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
-
-def replace(obj, **changes):
-    """``dataclasses.replace`` (for planner and server states)."""
-    return dataclasses.replace(obj, **changes)

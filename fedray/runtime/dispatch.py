@@ -73,7 +73,7 @@ class Dispatcher:
                                           noise_sigma=cfg.devices.noise_sigma)
         self.link = costs.ServerLink() if cfg.devices.shared_server_bps is not None else None
         self._costs: dict[int, tuple] = {}  # id(submodel) -> (submodel, cost, expected)
-        self._sent: set = set()  # (version, piece) already sent (shared download pieces)
+        self._sent: set = set()  # (version, piece) already sent (shared download pieces), this version only
         n = cfg.data.num_clients
         self.battery = np.array([p.battery_level for p in self.profiles], dtype=np.float64)
         self.battery_t = np.zeros(n)
@@ -140,6 +140,8 @@ class Dispatcher:
                     "cpu_load": cst.cpu_load, "download_bps": cst.download_bps, "upload_bps": cst.upload_bps,
                     "battery": float(self.battery[c]), "speed": prof.speed}
             task = Task(did, self.version, a, telemetry=tele, speed=prof.speed if cfg.devices.mode == "real" else None)
+            if self._sent and next(iter(self._sent))[0] != self.version:  # pieces of older versions: done
+                self._sent.clear()
             egress = self.channel.egress(sc.pieces, sc.bytes_down, self.version, self._sent)
             drop = costs.dropout_point(prof, seed=cfg.seed, round_key=did)
             if drop is not None:  # the device drops after a fraction of its compute, before uploading

@@ -15,6 +15,7 @@ from fedray.devices.profile import DeviceProfile
 from fedray.models.factory import build_model
 from fedray.models.info import ModelInfo
 from fedray.tasks import Task, get_task
+from fedray.devices import population
 
 __all__ = ["Setup", "prepare"]
 
@@ -51,4 +52,4 @@ def prepare(cfg: C.ExperimentConfig) -> Setup:
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, options=cfg.model.options)
     info = ModelInfo(model, ds.x_train[:2], name=cfg.model.name, options=cfg.model.options,
                      num_outputs=ds.num_classes)
-    return Setup(cfg, ds, parts, get_params(model), info, C.profiles(cfg), get_task(cfg.task.name, cfg.task.options))
+    return Setup(cfg, ds, parts, get_params(model), info, population.profiles(cfg), get_task(cfg.task.name, cfg.task.options))

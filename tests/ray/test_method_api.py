@@ -16,6 +16,7 @@ from fedray.devices.cost import CostModel
 from fedray.methods import registry
 from fedray.runtime.runner import model_digest, run
 from fedray.runtime.setup import prepare
+from fedray.devices import population
 
 pytestmark = pytest.mark.ray
 
@@ -53,7 +54,7 @@ def test_virtual_time_and_totals_come_from_the_same_bytes_and_flops(ray_session,
     s = run(cfg)
     t = table(s)
     assert not {"size", "extras", "state"} & set(s["rejected_by_reason"]), s["rejected_by_reason"]
-    profiles = C.profiles(cfg)
+    profiles = population.profiles(cfg)
     model = CostModel(noise_sigma=cfg.devices.noise_sigma)
     ups = t[t.event.isin(["update", "reject"])]
     assert len(ups) > 0

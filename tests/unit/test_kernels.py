@@ -12,7 +12,6 @@ import pytest
 
 from fedray.aggregation import kernels as K
 from fedray.aggregation import rules
-from fedray.aggregation.core import AggregatorCore
 from fedray.aggregation.merge import PayloadMask, PayloadValues, lazy_decode, payload_backed
 from fedray.submodel.encode import BITORDER, Entry, Payload, decode, encode, encode_tensor
 from fedray.update import Update

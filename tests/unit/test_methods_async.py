@@ -20,6 +20,7 @@ from fedray.methods.deadline import deadline_seconds
 from fedray.methods.heterofl import speed_ratios
 from fedray.submodel.encode import Entry, Payload, encode
 from fedray.update import Update
+from fedray.devices import population
 from tests import kit
 
 
@@ -329,9 +330,7 @@ def test_heterofl_plans_width_slices_by_speed():
     spec = info.try_spec()
     cfg = _heterofl_cfg()
     m = kit.planner_for(cfg, info)
-    from fedray import config as C
-
-    prof = C.profiles(cfg)
+    prof = population.profiles(cfg)
     order = sorted(range(10), key=lambda c: (-prof[c].speed, c))
     ratios = [m.ratio(c) for c in order]
     assert ratios == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625]
@@ -359,11 +358,9 @@ def test_heterofl_plans_width_slices_by_speed():
 
 def test_heterofl_tier_assignment_and_missing_tier():
     info, _ = _mlp_spec()
-    from fedray import config as C
-
     cfg = _heterofl_cfg(assign="tier", tier_ratios={"slow": 0.25, "fast": 1.0})
     m = kit.planner_for(cfg, info)
-    assert [m.ratio(c) for c in range(10)] == [0.25 if q.tier == "slow" else 1.0 for q in C.profiles(cfg)]
+    assert [m.ratio(c) for c in range(10)] == [0.25 if q.tier == "slow" else 1.0 for q in population.profiles(cfg)]
     with pytest.raises(ConfigError, match="method.tier_ratios: no ratio for device tier"):
         kit.planner_for(_heterofl_cfg(assign="tier", tier_ratios={"slow": 0.25}), info)
 

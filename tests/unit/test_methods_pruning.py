@@ -5,9 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
-from fedray import config as C
 from fedray.aggregation import rules
 from fedray.channel import Channel
 from fedray.client.worker import ClientWorker, Task
@@ -20,6 +18,7 @@ from fedray.pruning.progressive import importance_scores, residual_split
 from fedray.submodel import masks as M
 from fedray.submodel.encode import Payload, decode, encode
 from fedray.update import Update
+from fedray.devices import population
 from tests import kit
 
 HIDDEN = (8, 6)  # MLP 64 -> 8 -> 6 -> 10: L = 3 layers
@@ -187,7 +186,6 @@ def test_depth_plan_trains_and_sends_only_the_last_d_layers():
 
 def test_depth_controller_hysteresis_through_observe():
     info, _ = setup_model()
-    spec = info.try_spec()
     m = planner_for({"name": "ma_clamp", "initial_depth": 2, "threshold_reference": "own"}, info)
     depth = lambda: dict(m.plan(0, 0).info)["depth"]  # noqa: E731
     m.observe(header(0, 1.0))  # calibration: thresholds (0.75, 1.25); 1.0 is a "stay"
@@ -214,7 +212,6 @@ def test_depth_controller_hysteresis_through_observe():
 
 def test_depth_thresholds_follow_the_federation_median():
     info, _ = setup_model()
-    spec = info.try_spec()
     m = planner_for({"name": "clamp", "initial_depth": 2}, info)
     for c in range(1, 5):
         m.observe(header(c, 1.0))
@@ -226,7 +223,6 @@ def test_depth_thresholds_follow_the_federation_median():
 
 def test_fedpmt_fixed_and_feddrop_random_depths():
     info, _ = setup_model()
-    spec = info.try_spec()
     pmt = planner_for({"name": "fedpmt", "depth": 2}, info)
     assert {dict(pmt.plan(c, v).info)["depth"] for c in range(5) for v in range(3)} == {2}
     with pytest.raises(ConfigError, match="method.depth"):
@@ -418,14 +414,14 @@ def test_cahfp_keep_ratios_by_tier_and_by_speed():
     method = {"name": "cahfp", "tier_ratios": {"very_slow": 0.4, "normal": 0.6, "very_fast": 1.0}}
     cfg = cfg_for(method, devices={"tiers": "clamp"}, num_clients=20)
     m = kit.planner_for(cfg, info)
-    tiers = [p.tier for p in C.profiles(cfg)]
+    tiers = [p.tier for p in population.profiles(cfg)]
     want = {"very_slow": 0.4, "normal": 0.6, "very_fast": 1.0}
     assert [dict(m.plan(c, 0).info)["keep_ratio"] for c in range(20)] == [want[t] for t in tiers]
     with pytest.raises(ConfigError, match="method.tier_ratios"):
         planner_for({"name": "cahfp", "tier_ratios": {"normal": 0.5}}, info, devices={"tiers": "clamp"})
     cfg = cfg_for({"name": "cahfp"}, devices={"tiers": "clamp"}, num_clients=20)
     by_speed = kit.planner_for(cfg, info)
-    speeds = [p.speed for p in C.profiles(cfg)]
+    speeds = [p.speed for p in population.profiles(cfg)]
     ratio = [dict(by_speed.plan(c, 0).info)["keep_ratio"] for c in range(20)]
     assert ratio[int(np.argmax(speeds))] == 1.0 and ratio[int(np.argmin(speeds))] == 0.4
     assert sorted(ratio) == [0.4] * 5 + [0.6] * 5 + [0.8] * 5 + [1.0] * 5
@@ -515,7 +511,6 @@ def test_autoflip_exploration_prunes_the_expected_quantile_and_zeroes_the_model(
 
 def test_autoflip_phase1_fedavg_of_deltas_with_server_momentum():
     info, params = setup_model()
-    spec = info.try_spec()
     core = core_for({"name": "autoflip", "structured": False}, params, info)
     core.receive([item(i, i, m) for i, m in enumerate(explored_models(params))], force=True)
     mask = core.server.state.mask
@@ -534,7 +529,6 @@ def test_autoflip_phase1_fedavg_of_deltas_with_server_momentum():
 
 def test_autoflip_structured_part_and_refresh_never_regrows():
     info, params = setup_model()
-    spec = info.try_spec()
     core = core_for({"name": "autoflip", "refresh": True}, params, info)
     core.receive([item(i, i, m) for i, m in enumerate(explored_models(params))], force=True)
     first = {k: v.copy() for k, v in core.server.state.mask.items()}

@@ -53,9 +53,9 @@ def test_table_numbers_equal_summaries(tmp_path):
     assert R.cell([1.0e9, 1.2e9], "count") in md and "1.1 G ± 141 M" in md
     # time to target: one seed reached it
     assert "40 (1/2 reached)" in md
-    # fedbuff has no sdir / energy / target -> dashes
+    # fedbuff has no sdir / layer sdir / energy / target -> dashes
     fb = next(line for line in md.splitlines() if line.startswith("| fedbuff"))
-    assert fb.count(R.DASH) == 3
+    assert fb.count(R.DASH) == 4
     assert rows["fedbuff"]["sdir_n"] == "0" and rows["fedbuff"]["sdir_mean"] == ""
     for p in out["plots"]:
         assert p.is_file() and p.stat().st_size > 1000
