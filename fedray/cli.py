@@ -33,8 +33,9 @@ def cmd_run(args) -> int:
         cfg = replace(cfg, runtime=replace(cfg.runtime, out_dir=args.out))
     storage = _storage(args)
     s = run(cfg, progress=not args.quiet and cfg.runtime.progress)
-    print(f"{cfg.method.name} seed {cfg.seed}: final accuracy {s['final_accuracy']:.4f} "
-          f"(best {s['best_accuracy']:.4f}) after {s['rounds']} rounds, "
+    m = s["metric"]
+    print(f"{cfg.method.name} seed {cfg.seed}: final {m} {s[f'final_{m}']:.4f} "
+          f"(best {s[f'best_{m}']:.4f}) after {s['rounds']} rounds, "
           f"wall {s['wall_s']:.1f}s (+{s['setup_s']:.1f}s setup), virtual {s['virtual_s']:.1f}s")
     print(f"logs: {s['run_dir']}  (tensorboard --logdir {Path(s['run_dir']).parent})")
     if storage:

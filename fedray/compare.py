@@ -199,7 +199,7 @@ def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None) ->
             bar.set_postfix_str(f"{r.label} s{r.seed}")
             s = Runner(r.cfg, run_dir=r.run_dir, progress=False).run()
             summaries.append(s)
-            bar.set_postfix_str(f"{r.label} s{r.seed} acc={s['final_accuracy']:.3f}")
+            bar.set_postfix_str(f"{r.label} s{r.seed} {s['metric']}={s['final_' + s['metric']]:.3f}")
             bar.update(1)
     finally:
         bar.close()

@@ -164,7 +164,7 @@ class ExperimentConfig:
 
     @property
     def run_name(self) -> str:
-        return f"{self.method.name}-s{self.seed}"
+        return f"{self.method.name.replace(':', '.')}-s{self.seed}"  # an import path's colon: a dot
 
     @property
     def run_dir(self) -> Path:

@@ -26,6 +26,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import shlex
 import socket
@@ -93,6 +94,21 @@ def validate(command: str, config_path: str, overrides) -> "object":
     from fedray import tune
 
     return tune.load_spec(config_path, overrides).cfg
+
+
+@contextlib.contextmanager
+def _importable(folder: Path):
+    """``folder`` first on ``sys.path`` for the duration (the job's driver and workers start in
+    the uploaded working directory, so a plugin ``"mod:Name"`` is imported from there)."""
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        try:
+            sys.path.remove(entry)
+        except ValueError:
+            pass
 
 
 def entrypoint(command: str, config_rel: str, overrides, storage: str | None, *, resume: bool = False) -> str:
@@ -180,7 +196,8 @@ def submit(address: str, config_path: str, *, overrides=(), storage: str | None 
         config_rel = cfg_abs.relative_to(wd).as_posix()
     except ValueError:
         raise ConfigError("config", f"'{config_path}' is outside the working directory '{wd}' that is uploaded") from None
-    base = validate(command, config_path, overrides)
+    with _importable(wd):  # plugins named by import path resolve as the job will: from the working directory
+        base = validate(command, config_path, overrides)
     if storage is not None:
         storage = S.normalize(storage)
     elif is_local_address(address):

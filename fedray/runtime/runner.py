@@ -73,14 +73,14 @@ class Runner:
     # ------------------------------------------------------------ setup
     def _start(self) -> None:
         cfg = self.cfg
-        self.owns_ray = cluster.connect(cfg.cluster)
-        self.setup = s = prepare(cfg)
-        ds = s.dataset
         self.method = registry.get(cfg.method.name)
         if cfg.devices.mode == "real" and self.method.schedule != "sync":
             raise ConfigError("devices.mode", f"'real' throttling runs synchronous methods; {cfg.method.name} is {self.method.schedule}")
+        self.setup = s = prepare(cfg)  # data, model and devices: their mistakes show before Ray starts
+        ds = s.dataset
         if self.method.needs_spec:
             s.model.spec_for(cfg.method.name)  # a clear error now if the model has no layer structure
+        self.owns_ray = cluster.connect(cfg.cluster)
         self.channel = Channel(s.model.like)
         self.planner = self.method.Planner(PlanContext(cfg, cfg.method.name, cfg.method.params, s.model, self.channel,
                                                        s.profiles, s.examples))
