@@ -75,7 +75,7 @@ def test_real_mode_run_reports_measured_seconds(ray_session, tmp_path):
 
 def test_unavailable_and_empty_battery_devices_are_not_selected(ray_session, tmp_path):
     """Online/offline windows and batteries gate selection; drops are events, never stalls."""
-    from fedray.config import profiles
+    from fedray.devices.population import profiles
     from fedray.devices.cost import available
 
     cfg = from_dict({"experiment": "battery", "data": {"num_clients": 20, "cache_dir": str(tmp_path / "c")},
