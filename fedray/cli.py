@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedray.errors import FedrayError
+from fedray.errors import ConfigError, FedrayError, Interrupted
 
 QUICKSTART = "configs/quickstart.yaml"
 
@@ -26,13 +26,22 @@ def cmd_run(args) -> int:
     from fedray import config
     from fedray.runtime.runner import run
 
-    cfg = config.load(args.config or _default_config(), args.set)
+    run_dir = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config:
+            raise ConfigError("--resume", "takes the run folder only (its config.yaml is the run's config)")
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError("--resume", f"'{run_dir}' is not a run folder (no config.yaml)")
+        cfg = config.load(run_dir / "config.yaml", args.set)
+    else:
+        cfg = config.load(args.config or _default_config(), args.set)
     if args.out:
         from dataclasses import replace
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, out_dir=args.out))
     storage = _storage(args)
-    s = run(cfg, progress=not args.quiet and cfg.runtime.progress)
+    s = run(cfg, progress=not args.quiet and cfg.runtime.progress, run_dir=run_dir, resume=bool(args.resume))
     m = s["metric"]
     print(f"{cfg.method.name} seed {cfg.seed}: final {m} {s[f'final_{m}']:.4f} "
           f"(best {s[f'best_{m}']:.4f}) after {s['rounds']} rounds, "
@@ -115,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default runtime.out_dir)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--storage", help="also copy the run folder here (path or pyarrow.fs URI, e.g. s3://bucket/runs)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("tune", help="Ray Tune search over config fields (tune: section)")
@@ -161,6 +171,10 @@ def main(argv=None) -> int:
     except FedrayError as e:
         print(str(e), file=sys.stderr)
         return 2
+    except Interrupted as e:
+        hint = f"; resume with: fedray run --resume {e.run_dir}" if e.checkpoint else ""
+        print(f"interrupted by {e.signal_name} after aggregation {e.version}{hint}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -74,6 +74,8 @@ class ServerConfig:
                                 "many aggregations (per-client spread; 0: never)")
     client_eval_clients: int | None = _f(None, check=POS, doc="clients in each per-client evaluation (null: all; "
                                          "else a seeded sample)")
+    max_rejected_rounds: int = _f(5, check=NONNEG, doc="stop when every update of this many consecutive "
+                                  "aggregations was rejected (0: never)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ class RuntimeConfig:
     out_dir: str = "runs"
     progress: bool = True
     tensorboard: bool = True
+    flush_s: float = _f(2.0, check=POS, doc="seconds between writes of the event rows and TensorBoard to disk")
+    checkpoint_every: int = _f(50, check=NONNEG, doc="aggregations between checkpoints (0: only when interrupted)")
+    checkpoint_dir: str | None = _f(None, doc="where checkpoints go: a path or a pyarrow.fs URI "
+                                    "(default: <run folder>/checkpoint)")
 
 
 @dataclass(frozen=True)
@@ -228,11 +234,19 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError("config", f"file '{p}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"'{p}' is not UTF-8 text (is it a YAML file?)") from None
+    except OSError as e:
+        raise ConfigError("config", f"cannot read '{p}': {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError("config", f"'{p}' is not valid YAML{where}") from None
+    if data is None:
+        raise ConfigError("config", f"'{p}' is empty (give at least one section, e.g. method: fedavg)")
     if not isinstance(data, dict):
         raise ConfigError("config", f"'{p}' must hold a mapping at the top level")
     return data

@@ -82,8 +82,8 @@ class RunRecord:
         import pandas as pd
         import pyarrow.parquet as pq
 
-        p = self.path / "metrics.parquet"
-        if not p.is_file():
+        p = self.path / "metrics.parquet"  # a folder of parts (a single file from older runs)
+        if not p.exists():
             return pd.DataFrame()
         return pq.read_table(p).to_pandas()
 

@@ -85,9 +85,10 @@ class AggregatorActor:
         out["model_ref"] = self.model_ref() if out["aggregated"] else None
         return out
 
-    def dispatch(self, dispatch: list) -> list:
-        """Training calls sent from here (methods with client state): their reference lists."""
-        return self._dispatch(dispatch)
+    def dispatch(self, dispatch: list, model: list | None = None) -> list:
+        """Training calls sent from here (methods with client state): their reference lists.
+        ``model``: ``[ref]`` of the version they train (default: the current one)."""
+        return self._dispatch(dispatch, None if model is None else model[0])
 
     @staticmethod
     def _fetch(calls: list) -> list:
@@ -131,16 +132,16 @@ class AggregatorActor:
             outs.append(out)
         return outs
 
-    def _dispatch(self, dispatch: list) -> list:
-        """One training call per ``(actor index, tasks)`` with the current version."""
+    def _dispatch(self, dispatch: list, ref=None) -> list:
+        """One training call per ``(actor index, tasks)`` with the current version (or ``ref``'s)."""
         if not dispatch:  # every client of the round dropped out or missed the deadline
             return []
-        if self.inline:  # by value: Ray copies it into each call, no object-store round trip
+        if ref is None and self.inline:  # by value: Ray copies it into each call, no object-store round trip
             ref = self.core.params
             if self._inline_version != self.core.version:
                 self._inline_version = self.core.version
                 self.inlined += 1
-        else:
+        elif ref is None:
             ref = self.model_ref()[0]
         broadcast = self.core.server.broadcast()
         if self.stateful:
@@ -165,8 +166,9 @@ class AggregatorActor:
                 "client_states": len(self.core.store)}
 
     def state_dict(self) -> dict:
-        return self.core.state_dict()
+        return {"core": self.core.state_dict(), "puts": self.puts, "inlined": self.inlined}
 
     def load_state_dict(self, state) -> None:
-        self.core.load_state_dict(state)
-        self._ref_version = -1
+        self.core.load_state_dict(state["core"])
+        self.puts, self.inlined = int(state["puts"]), int(state["inlined"])
+        self._ref_version = self._inline_version = -1

@@ -1,38 +1,63 @@
-"""The one recorder: TensorBoard scalars with fixed tags + a Parquet event table.
+"""The one recorder: TensorBoard scalars with fixed tags + a Parquet event table, streamed.
 
-Every method writes the same tag names, so runs of different methods overlay
-in TensorBoard. Each event (a client update, a drop, a rejection, an
-aggregation) is one row of ``metrics.parquet``; the table is written on
-``flush``/``close`` atomically (temp file + rename), so an interrupted run
-keeps what was flushed.
+Every method writes the same tag names, so runs of different methods overlay in TensorBoard.
+Each event (a client update, a drop, a rejection, an aggregation, an evaluation) is one row of
+``metrics.parquet``. Rows are written as they happen: every :meth:`Recorder.flush` (the runner
+flushes every ``runtime.flush_s`` seconds, at every checkpoint and at the end) appends one
+part file ``metrics.parquet/part-NNNNNN.parquet`` (written to a temporary name, then renamed,
+so a part is whole or absent) and flushes TensorBoard. ``metrics.parquet`` is therefore a
+Parquet *dataset* -- ``pandas.read_parquet`` and ``pyarrow.parquet.read_table`` read the folder
+as one table -- that is readable while the run goes on, and a run killed by anything keeps
+every row up to its last flush. The driver keeps no rows beyond the current part (flat memory).
+
+Every part has the same schema, fixed at the first flush: the known columns of
+:data:`COLUMNS` and the ones the runner declares (the task's metrics, the per-client spread),
+plus the columns of the first part's rows (a method's ``info`` columns: ``depth``, ``width``...,
+the same for every dispatch). A row with a column outside the schema is a programming error.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# columns every table has, with their types (others are inferred)
+# columns every table has, with their types
 COLUMNS: dict[str, pa.DataType] = {
     "event": pa.string(),
     "round": pa.int64(),
     "version": pa.int64(),
+    "window": pa.int64(),
     "dispatch_id": pa.int64(),
     "client_id": pa.int64(),
+    "tier": pa.string(),
+    "slow": pa.bool_(),
+    "t_start": pa.float64(),
+    "virtual_s": pa.float64(),
+    "round_s": pa.float64(),
+    "compute_s": pa.float64(),
+    "comm_s": pa.float64(),
+    "bytes_down": pa.int64(),
+    "bytes_up": pa.int64(),
+    "egress_bytes": pa.int64(),
+    "train_flops": pa.int64(),
+    "sparse_train_flops": pa.int64(),
+    "energy_j": pa.float64(),
+    "layers": pa.int64(),
+    "layers_included": pa.float64(),
+    "reason": pa.string(),
+    "staleness": pa.int64(),
     "examples": pa.int64(),
     "train_loss": pa.float64(),
-    "bytes_up": pa.int64(),
-    "bytes_down": pa.int64(),
-    "train_flops": pa.int64(),
+    "client_wall_s": pa.float64(),
+    "buffer": pa.int64(),
+    "fill_s": pa.float64(),
     "wall_s": pa.float64(),
-    "virtual_s": pa.float64(),
     "accuracy": pa.float64(),
     "loss": pa.float64(),
-    "reason": pa.string(),
 }
 
 # columns that carry wall-clock measurements (excluded from determinism checks)
@@ -41,24 +66,14 @@ WALL_COLUMNS = ("wall_s", "client_wall_s")
 TAGS = ("eval/accuracy", "eval/loss", "cost/bytes_up", "cost/bytes_down", "cost/train_flops", "time/wall_s",
         "time/virtual_s")
 
+PART = "part-{:06d}.parquet"
 
-def _schema(rows: list[Mapping[str, Any]]) -> pa.Schema:
-    names: list[str] = list(COLUMNS)
-    for r in rows:
-        for k in r:
-            if k not in COLUMNS and k not in names:
-                names.append(k)
-    fields = []
-    for n in names:
-        if n in COLUMNS:
-            fields.append(pa.field(n, COLUMNS[n]))
-        else:
-            vals = [r[n] for r in rows if r.get(n) is not None]
-            t = pa.array(vals).type if vals else pa.null()
-            if pa.types.is_integer(t) and any(isinstance(v, float) for v in vals):
-                t = pa.float64()
-            fields.append(pa.field(n, t))
-    return pa.schema(fields)
+
+def _inferred(values: list) -> pa.DataType:
+    t = pa.array(values).type if values else pa.float64()
+    if pa.types.is_integer(t) and any(isinstance(v, float) for v in values):
+        t = pa.float64()
+    return t
 
 
 def write_json(path: Path, data: Mapping) -> None:
@@ -67,20 +82,79 @@ def write_json(path: Path, data: Mapping) -> None:
     os.replace(tmp, path)
 
 
+def parts(path: Path) -> list[Path]:
+    """The part files of a metrics dataset, in order."""
+    return sorted(Path(path).glob("part-*.parquet"))
+
+
 class Recorder:
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True):
+    """``columns``: extra ``{name: type}`` the runner knows of (the task's metrics...).
+    ``resume_parts``: keep this many existing parts (a resumed run) and delete the rest;
+    ``purge_step``: TensorBoard events at or after this step are purged (a resumed run)."""
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, columns: Mapping[str, pa.DataType] = (),
+                 resume_parts: int | None = None, purge_step: int | None = None):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.parquet"
+        if self.path.is_file():  # a single-file table of an older fedray: this run replaces it
+            self.path.unlink()
+        self.path.mkdir(exist_ok=True)
+        existing = parts(self.path)
+        keep = 0 if resume_parts is None else resume_parts
+        for p in existing[keep:]:
+            p.unlink()
+        self.parts = min(keep, len(existing))
+        self.schema: pa.Schema | None = pq.read_schema(existing[0]) if self.parts else None
+        self.declared = {**COLUMNS, **dict(columns)}
         self.rows: list[dict] = []
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.dir / "tb"), purge_step=purge_step)
 
+    # ------------------------------------------------------------ rows
     def event(self, **row) -> None:
         self.rows.append(row)
 
+    def _schema(self, rows: list[Mapping[str, Any]]) -> pa.Schema:
+        names = list(self.declared)
+        for r in rows:
+            names.extend(k for k in r if k not in self.declared and k not in names)
+        fields = []
+        for n in names:
+            t = self.declared.get(n) or _inferred([r[n] for r in rows if r.get(n) is not None])
+            fields.append(pa.field(n, t))
+        return pa.schema(fields)
+
+    def flush(self) -> None:
+        """Write the rows since the last flush as one part; flush TensorBoard."""
+        if self.rows:
+            if self.schema is None:
+                self.schema = self._schema(self.rows)
+            known = set(self.schema.names)
+            extra = sorted({k for r in self.rows for k in r} - known)
+            if extra:
+                raise ValueError(f"metrics rows have columns outside the table's schema: {extra}")
+            table = pa.Table.from_pylist(self.rows, schema=self.schema)
+            path = self.path / PART.format(self.parts)
+            tmp = path.with_name("." + path.name + ".tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+            self.parts += 1
+            self.rows = []
+        if self.writer is not None:
+            self.writer.flush()
+
+    def table(self) -> pa.Table:
+        """Every row of the run so far (flushed first), read back from disk."""
+        self.flush()
+        if not self.parts:
+            return pa.Table.from_pylist([], schema=self.schema or self._schema([]))
+        return pq.read_table(self.path)
+
+    # ------------------------------------------------------------ TensorBoard
     def scalars(self, step: int, values: Mapping[str, float], *, virtual_s: float | None = None) -> None:
         """Scalars at aggregation ``step``; with ``virtual_s`` each tag is also
         written as ``<tag>@virtual_s`` with the virtual second as its step."""
@@ -93,22 +167,12 @@ class Recorder:
             if virtual_s is not None:
                 self.writer.add_scalar(f"{tag}@virtual_s", float(v), int(round(virtual_s)))
 
-    def histogram(self, tag: str, values, step: int) -> None:
+    def histogram(self, tag: str, values: Iterable[float], step: int) -> None:
+        values = list(values)
         if self.writer is not None and len(values):
             import numpy as np
 
             self.writer.add_histogram(tag, np.asarray(values, dtype=np.float64), int(step))
-
-    def table(self) -> pa.Table:
-        return pa.Table.from_pylist(self.rows, schema=_schema(self.rows))
-
-    def flush(self) -> None:
-        path = self.dir / "metrics.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(self.table(), tmp)
-        os.replace(tmp, path)
-        if self.writer is not None:
-            self.writer.flush()
 
     def close(self, summary: Mapping | None = None) -> None:
         self.flush()
@@ -116,3 +180,4 @@ class Recorder:
             write_json(self.dir / "summary.json", summary)
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

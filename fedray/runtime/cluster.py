@@ -68,6 +68,60 @@ def actor_options(actor_cfg, *, name: str | None = None) -> dict:
     return opts
 
 
+def actor_specs(cfg, profiles) -> list[tuple[object, dict]]:
+    """``[(pool, Ray options)]`` of the client actors a run creates (see :func:`create_client_actors`)."""
+    n = cfg.cluster.num_client_actors
+    if not cfg.devices.actor_per_tier:
+        return [(None, actor_options(cfg.cluster.client_actor))] * n
+    tiers: dict[str, DeviceProfile] = {}
+    for p in profiles:
+        tiers.setdefault(p.tier, p)
+    per = max(1, n // len(tiers))
+    specs = []
+    for name, p in tiers.items():
+        opts = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
+        if p.resources:
+            opts["resources"] = dict(p.resources)
+        specs += [(name, opts)] * per
+    return specs
+
+
+def requested(cfg, profiles) -> dict[str, float]:
+    """Resources the run's actors ask for, summed: ``{"CPU": ..., "GPU": ..., custom...}``."""
+    out: dict[str, float] = {"CPU": float(cfg.cluster.aggregator_cpus)}
+    for _, o in actor_specs(cfg, profiles):
+        out["CPU"] += float(o.get("num_cpus", 1.0))
+        out["GPU"] = out.get("GPU", 0.0) + float(o.get("num_gpus", 0.0) or 0.0)
+        for k, v in (o.get("resources") or {}).items():
+            out[k] = out.get(k, 0.0) + float(v)
+    return {k: v for k, v in out.items() if v}
+
+
+def check_resources(cfg, profiles, wait_s: float | None = None) -> None:
+    """One clear line when the cluster cannot hold the run's actors (instead of waiting forever):
+    the resources requested against the cluster's. An embedded Ray cannot grow, so it is checked
+    at once; a cluster is given ``wait_s`` (default 60 s) for nodes to join (an autoscaler)."""
+    import time
+
+    need = requested(cfg, profiles)
+    if wait_s is None:
+        wait_s = 60.0 if cfg.cluster.address or "RAY_ADDRESS" in os.environ else 0.0
+    deadline = time.time() + wait_s
+    while True:
+        have = ray.cluster_resources()
+        short = {k: (v, float(have.get(k, 0.0))) for k, v in need.items() if v > float(have.get(k, 0.0)) + 1e-9}
+        if not short or time.time() >= deadline:
+            break
+        time.sleep(1.0)
+    if short:
+        k, (want, got) = next(iter(short.items()))
+        n = cfg.cluster.num_client_actors
+        field = "cluster.client_actor.num_gpus" if k == "GPU" else (
+            "cluster.num_client_actors" if k == "CPU" else "cluster.client_actor.resources")
+        raise ConfigError(field, f"the run's actors request {want:g} {k} ({n} client actors + the aggregator), "
+                                 f"the cluster has {got:g}")
+
+
 def create_client_actors(cfg, profiles, make):
     """Create the client actors; returns ``({pool: [actors]}, placement_group | None)``.
 
@@ -83,20 +137,7 @@ def create_client_actors(cfg, profiles, make):
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    n = cfg.cluster.num_client_actors
-    specs: list[tuple[object, dict]] = []
-    if cfg.devices.actor_per_tier:
-        tiers: dict[str, DeviceProfile] = {}
-        for p in profiles:
-            tiers.setdefault(p.tier, p)
-        per = max(1, n // len(tiers))
-        for name, p in tiers.items():
-            opts = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
-            if p.resources:
-                opts["resources"] = dict(p.resources)
-            specs += [(name, opts)] * per
-    else:
-        specs = [(None, actor_options(cfg.cluster.client_actor))] * n
+    specs = actor_specs(cfg, profiles)
     pg = None
     if cfg.devices.placement != "none":
         bundles = []

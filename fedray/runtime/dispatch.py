@@ -83,6 +83,19 @@ class Dispatcher:
         self.always_on = np.array([p.trace is None and not p.windows and p.availability >= 1.0
                                    and math.isinf(p.battery_j) for p in self.profiles], dtype=bool)
 
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {"next_dispatch": self.next_dispatch, "version": self.version, "battery": self.battery.copy(),
+                "battery_t": self.battery_t.copy(), "busy": self.busy.copy(), "sent": set(self._sent),
+                "link": None if self.link is None else (list(self.link.down), list(self.link.up))}
+
+    def load_state_dict(self, state) -> None:
+        self.next_dispatch, self.version = int(state["next_dispatch"]), int(state["version"])
+        self.battery, self.battery_t, self.busy = state["battery"].copy(), state["battery_t"].copy(), state["busy"].copy()
+        self._sent = set(state["sent"])
+        if self.link is not None and state["link"] is not None:
+            self.link.down, self.link.up = list(state["link"][0]), list(state["link"][1])
+
     # ------------------------------------------------------------ devices
     def _charge(self, c: int, t: float) -> None:
         """Recharge an idle device up to time ``t``."""

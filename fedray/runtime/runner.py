@@ -10,29 +10,34 @@ run in real mode.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from fedray import config as C
 from fedray import seeding
 from fedray.aggregation.actor import AggregatorActor
-from fedray.aggregation.validate import REASONS
 from fedray.channel import Channel
 from fedray.client.actor import ClientActor, train_call
-from fedray.errors import ConfigError
+from fedray.errors import ConfigError, Interrupted, RunStopped
 from fedray.methods import registry
 from fedray.methods.base import PlanContext
 from fedray.metrics import definitions
 from fedray.metrics.recorder import Recorder
-from fedray.runtime import cluster
-from fedray.runtime.accounting import Accounting
+from fedray.runtime import checkpoint, cluster
+from fedray.runtime.accounting import Accounting, Totals
 from fedray.runtime.dispatch import Dispatcher
-from fedray.runtime.schedulers import run_async, run_sync
+from fedray.runtime.progress import Progress
+from fedray.runtime.schedulers import scheduler_for
 from fedray.runtime.setup import prepare
 
 __all__ = ["Runner", "run", "model_digest", "SUMMARY_TAGS"]
@@ -51,43 +56,61 @@ def model_digest(params: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def spread(values) -> dict[str, float]:
-    """Mean, standard deviation, minimum and 10th / 90th percentiles of per-client values."""
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return {}
-    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
-            "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
-
-
 class Runner:
-    """One federated run of one method and seed."""
+    """One federated run of one method and seed. ``resume``: continue the run in ``run_dir``
+    from its last checkpoint."""
 
     def __init__(self, cfg: C.ExperimentConfig, *, run_dir: str | Path | None = None, progress: bool | None = None,
-                 report=None):
+                 report=None, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.progress = cfg.runtime.progress if progress is None else progress
         self.report = report  # callable(dict) after each evaluation (Ray Tune)
+        self.resume = resume
+        self.stopping: str | None = None  # the signal that asked the run to stop
+        self.checkpoints = 0
+        self.version_refs: dict[int, object] = {}  # model versions that dispatches in flight started from
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.cfg.runtime.checkpoint_dir or str(self.run_dir / "checkpoint")
 
     # ------------------------------------------------------------ setup
+    def _check_output(self) -> None:
+        """The run folder can be made and written, before anything else happens."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".fedray-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+            raise ConfigError("runtime.out_dir", f"cannot write the run folder '{self.run_dir}': {why}") from None
+
     def _start(self) -> None:
         cfg = self.cfg
         self.method = registry.get(cfg.method.name)
         if cfg.devices.mode == "real" and self.method.schedule != "sync":
             raise ConfigError("devices.mode", f"'real' throttling runs synchronous methods; {cfg.method.name} is {self.method.schedule}")
+        self._check_output()
+        resumed = None
+        if self.resume:
+            resumed = self._load_checkpoint()
         self.setup = s = prepare(cfg)  # data, model and devices: their mistakes show before Ray starts
         ds = s.dataset
         if self.method.needs_spec:
             s.model.spec_for(cfg.method.name)  # a clear error now if the model has no layer structure
         self.owns_ray = cluster.connect(cfg.cluster)
+        # after ray.init, which installs its own SIGTERM handlers (a stack dump and an exit)
+        self._install_signals()  # (what to restore at the end is what the first call replaced)
+        cluster.check_resources(cfg, s.profiles)
         self.channel = Channel(s.model.like)
         self.planner = self.method.Planner(PlanContext(cfg, cfg.method.name, cfg.method.params, s.model, self.channel,
                                                        s.profiles, s.examples))
         # one put of the data set for the whole run; actors read it zero-copy. The driver keeps the
         # references, so a restarted actor reads them again.
         self.shared = [ray.put({"x": ds.x_train, "y": ds.y_train}), ray.put(s.partitions)]
-        test_ref = ray.put({"x": ds.x_test, "y": ds.y_test})
+        self.test_ref = ray.put({"x": ds.x_test, "y": ds.y_test})
         self.pools, self.placement_group = cluster.create_client_actors(
             cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(cfg, ds.input_shape, ds.num_classes))
         self.actors, actor_index = [], {}
@@ -95,35 +118,77 @@ class Runner:
             for i, a in enumerate(actors):
                 actor_index[(pool, i)] = len(self.actors)
                 self.actors.append(a)
-        self.aggregator = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
-            cfg, s.params, test_ref, ds.input_shape, ds.num_classes)
-        self.aggregator.attach.remote(self.actors, self.shared)  # it dispatches synchronous rounds
+        self.aggregator = self._new_aggregator()
+        if resumed is not None:
+            ray.get(self.aggregator.load_state_dict.remote(resumed["aggregator"]))
         started = ray.get(self.aggregator.start.remote())
-        self.model_ref = started["model_ref"][0]
-        if started["message"] is not None:
+        self.set_model_ref(started["model_ref"][0], resumed["version"] if resumed else 0)
+        if started["message"] is not None and resumed is None:
             self.planner.receive(started["message"])
         self.dispatcher = Dispatcher(cfg, s, self.planner, self.channel, self.pools, actor_index)
-        self.recorder = Recorder(self.run_dir, tensorboard=cfg.runtime.tensorboard)
+        task_columns = {k: pa.float64() for k in s.task.finish({}, 0)}
+        spread_columns = {f"client_{s.task.primary}_{k}": pa.float64() for k in ("mean", "std", "min", "p10", "p90")}
+        self.recorder = Recorder(self.run_dir, tensorboard=cfg.runtime.tensorboard,
+                                 columns={**task_columns, **spread_columns},
+                                 resume_parts=resumed["recorder_parts"] if resumed else None,
+                                 purge_step=resumed["version"] + 1 if resumed else None)
+        self.resumed = resumed
         C.dump(cfg, self.run_dir / "config.yaml")
 
-    def send(self, recs) -> None:
+    def _new_aggregator(self):
+        s, cfg = self.setup, self.cfg
+        agg = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
+            cfg, s.params, self.test_ref, s.dataset.input_shape, s.dataset.num_classes)
+        agg.attach.remote(self.actors, self.shared)  # it dispatches synchronous rounds
+        return agg
+
+    # ------------------------------------------------------------ talking to the actors
+    def set_model_ref(self, ref, version: int) -> None:
+        """The current model (asynchronous schedules dispatch from it); versions no dispatch in
+        flight started from are forgotten."""
+        self.model_ref = ref
+        self.version_refs[int(version)] = ref
+        sched = getattr(self, "scheduler", None)
+        if sched is not None and hasattr(sched, "in_flight"):
+            keep = {r.task.version for r in sched.in_flight()} | {int(version)}
+            self.version_refs = {v: x for v, x in self.version_refs.items() if v in keep}
+
+    def send(self, recs, model_ref=None) -> None:
         """Dispatch asynchronous-schedule records: from the driver, or through the aggregator for
         methods with client state (it attaches each client's state); the aggregator fetches the
-        results."""
-        d = self.dispatcher
-        groups = d.groups(recs)
+        results. ``model_ref``: the model they train (default: the current one)."""
+        groups = self.dispatcher.groups(recs)
         if not groups:
             return
+        ref = self.model_ref if model_ref is None else model_ref
         if self.method.client_state:
-            refs = ray.get(self.aggregator.dispatch.remote([(i, [r.task for r in g]) for i, g in groups]))
+            refs = ray.get(self.aggregator.dispatch.remote([(i, [r.task for r in g]) for i, g in groups], [ref]))
             for (_, group), call in zip(groups, refs):
                 for r in group:
                     r.call_refs = call
             return
         for i, group in groups:
-            call = train_call(self.actors[i], self.model_ref, [r.task for r in group], self.shared)
+            call = train_call(self.actors[i], ref, [r.task for r in group], self.shared)
             for r in group:
                 r.call_refs = call
+
+    def redispatch(self, recs) -> None:
+        """Send again the trainings in flight at a checkpoint, each from the version it started from."""
+        by_version: dict[int, list] = {}
+        for r in recs:
+            by_version.setdefault(r.task.version, []).append(r)
+        for v, group in sorted(by_version.items()):
+            ref = self.version_refs.get(v)
+            if ref is None:
+                ref = self.version_refs[v] = ray.put(self.resumed["params"][v])
+            self.send(group, ref)
+
+    def receive(self, ups, force: bool, evaluate: bool, dropped) -> dict:
+        calls, items = self.dispatcher.items(ups)
+        return ray.get(self.aggregator.receive.remote(calls, items, force, evaluate, dropped))
+
+    def aggregator_get(self, ref):
+        return ray.get(ref)
 
     # ------------------------------------------------------------ schedule helpers
     def out_of_time(self, t: float) -> bool:
@@ -144,102 +209,158 @@ class Runner:
             return list(range(n))
         return sorted(int(c) for c in seeding.rng(self.cfg.seed, "client_eval", version).choice(n, size=k, replace=False))
 
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_due(self, version: int) -> bool:
+        every = self.cfg.runtime.checkpoint_every
+        return bool(every) and version % every == 0 and version < self.cfg.server.rounds
+
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue exactly from here (see :mod:`fedray.runtime.checkpoint`)."""
+        self.tracker.flush()
+        inflight = self.scheduler.in_flight() if hasattr(self.scheduler, "in_flight") else []
+        versions = sorted({r.task.version for r in inflight})
+        params = dict(zip(versions, ray.get([self.version_refs[v] for v in versions]))) if versions else {}
+        state = {"config": checkpoint.config_digest(C.to_dict(self.cfg)), "version": self.dispatcher.version,
+                 "aggregator": ray.get(self.aggregator.state_dict.remote()),
+                 "planner": self.planner.state_dict(), "dispatcher": self.dispatcher.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "totals": dataclasses.asdict(self.accounting.totals),
+                 "progress": self.tracker.state_dict(), "recorder_parts": self.recorder.parts, "params": params,
+                 "wall_s": self.accounting.wall()}
+        checkpoint.save(self.checkpoint_dir, state)
+        self.checkpoints += 1
+
+    def _load_checkpoint(self) -> dict:
+        where = self.checkpoint_dir
+        if not checkpoint.exists(where):
+            raise ConfigError("--resume", f"'{self.run_dir}' has no checkpoint to resume from ({where})")
+        state = checkpoint.load(where)
+        if state["config"] != checkpoint.config_digest(C.to_dict(self.cfg)):
+            raise ConfigError("--resume", f"the checkpoint in '{where}' belongs to another config than "
+                                          f"'{self.run_dir / 'config.yaml'}'")
+        return state
+
+    def _restore(self, state) -> None:
+        self.planner.load_state_dict(state["planner"])
+        self.dispatcher.load_state_dict(state["dispatcher"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.accounting.totals = Totals(**state["totals"])
+        self.accounting.t0 -= state["wall_s"]  # wall time continues from the checkpoint's
+        self.tracker.load_state_dict(state["progress"])
+        self.scheduler.resume()
+
+    # ------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        if self.stopping is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.stopping is None:
+            self.stopping = signal.Signals(signum).name
+            print(f"{self.stopping}: finishing the aggregation in progress, then saving a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
     # ------------------------------------------------------------ main
     def run(self) -> dict:
         cfg = self.cfg
         t_setup = time.time()
-        self._start()
-        self.t0 = time.time()
-        setup_s = self.t0 - t_setup
-        self.accounting = acc = Accounting(cfg, self.dispatcher, self.planner, self.recorder, self.t0)
-        tot = acc.totals
-        primary = self.setup.task.primary
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.server.rounds, desc=f"{cfg.method.name} s{cfg.seed}", unit="agg", dynamic_ncols=True)
-        state = {"best": -math.inf, "score": float("nan"), "loss": float("nan"), "t": 0.0, "last_agg_t": 0.0,
-                 "target_s": None, "clients": {}}
-        target = cfg.server.target_accuracy
-
-        def on_aggregate(res, t, rnd):
-            wall = acc.wall(res)
-            v = res["version"]  # the version this result closed (a pipelined loop is already past it)
-            state["t"] = t
-            self.recorder.event(event="aggregate", round=rnd, version=v, virtual_s=t, wall_s=wall,
-                                buffer=res.get("buffer", 0), fill_s=t - state["last_agg_t"])
-            rejected = res.get("rejected", {})
-            self.recorder.scalars(v, {"agg/buffer": res.get("buffer", 0), "agg/fill_s": t - state["last_agg_t"],
-                                      **{f"agg/rejected/{k}": rejected.get(k, 0) for k in REASONS}})
-            self.recorder.histogram("agg/staleness", [x for x in res.get("staleness", []) if x is not None], v)
-            state["last_agg_t"] = t
-            metrics = res.get("metrics")
-            clients = res.get("clients")
-            if clients is None and self.method.schedule != "sync":
-                due = self.client_eval_due(v)
-                clients = ray.get(self.aggregator.client_metrics.remote(due)) if due else None
-            extra = {}
-            if clients:
-                sp = spread(m[primary] for m in clients.values())
-                state["clients"] = sp
-                extra = {f"client_{primary}_{k}": x for k, x in sp.items()}
-            if metrics:
-                score, loss = metrics[primary], metrics["loss"]
-                state["score"], state["loss"], state["best"] = score, loss, max(state["best"], score)
-                self.planner.on_eval(score, loss)
-                if target is not None and state["target_s"] is None and score >= target:
-                    state["target_s"] = t
-                self.recorder.event(event="eval", round=rnd, version=v, **metrics, wall_s=wall, virtual_s=t, **extra)
-                self.recorder.scalars(v, {
-                    **{f"eval/{k}": x for k, x in metrics.items()}, "cost/bytes_up": tot.bytes_up,
-                    "cost/bytes_down": tot.bytes_down, "cost/train_flops": tot.train_flops,
-                    "cost/energy_j": tot.energy_j, "time/wall_s": wall, "time/virtual_s": t,
-                    **{f"clients/{primary}_{k}": x for k, x in state["clients"].items() if extra}}, virtual_s=t)
-                if self.report is not None:
-                    self.report({**metrics, "version": v, "virtual_s": t, "wall_s": wall})
-            elif extra:
-                self.recorder.event(event="client_eval", round=rnd, version=v, wall_s=wall, virtual_s=t, **extra)
-            if bar is not None:
-                bar.set_postfix({primary[:3]: f"{state['score']:.3f}", "vt": f"{t:.0f}s"})
-                bar.update(v - bar.n)
-
+        self._old_signals = self._install_signals()
+        started, status, error, failure = False, "completed", None, None
+        summary = None
         try:
-            (run_sync if self.method.schedule == "sync" else run_async)(self, on_aggregate)
-            params = ray.get(self.aggregator.params.remote())
-            stats = ray.get(self.aggregator.stats.remote())
-            placement = {str(pool): ray.get([a.node_id.remote() for a in actors]) for pool, actors in self.pools.items()}
+            self._start()
+            started = True
+            self.t0 = time.time()
+            self.setup_s = self.t0 - t_setup
+            self.accounting = Accounting(cfg, self.dispatcher, self.planner, self.recorder, self.t0)
+            bar = None
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=cfg.server.rounds, desc=f"{cfg.method.name} s{cfg.seed}", unit="agg",
+                           dynamic_ncols=True)
+            self.tracker = Progress(self, bar)
+            self.scheduler = scheduler_for(self)
+            if self.resumed is not None:
+                self._restore(self.resumed)
+                if bar is not None:
+                    bar.update(self.dispatcher.version)
+            try:
+                self.scheduler(self.tracker)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if self.stopping:
+                status = "interrupted"
+                self.save_checkpoint()
+        except KeyboardInterrupt:
+            status, self.stopping = "interrupted", self.stopping or "SIGINT"
+        except RunStopped as e:
+            status, error, failure = "failed", str(e), e
+        except BaseException as e:
+            if not started:
+                raise
+            status, error, failure = "failed", _one_line(e), e
         finally:
-            if bar is not None:
-                bar.close()
-        wall = time.time() - self.t0
-        np.savez(self.run_dir / "model.npz", **{k: params[k] for k in sorted(params)})
+            try:
+                if started:
+                    summary = self._finish(status, error)
+            finally:
+                for sig, h in self._old_signals.items():
+                    signal.signal(sig, h)
+                self.shutdown()
+        if status == "interrupted":
+            raise Interrupted(self.stopping, 130 if self.stopping == "SIGINT" else 143, str(self.run_dir),
+                              summary["version"] if summary else 0, self.checkpoint_dir if self.checkpoints else None)
+        if failure is not None:
+            raise failure
+        return summary
+
+    def _finish(self, status: str, error: str | None) -> dict:
+        """Write what the run has: model, summary (with its status), the last rows."""
+        cfg, primary = self.cfg, self.setup.task.primary
+        state, tot = self.tracker.state, self.accounting.totals
+        summary = {"experiment": cfg.experiment, "method": cfg.method.name, "seed": cfg.seed, "status": status,
+                   "metric": primary, "run_dir": str(self.run_dir)}
+        if error is not None:
+            summary["error"] = error
+        try:
+            params = ray.get(self.aggregator.params.remote(), timeout=60)
+            stats = ray.get(self.aggregator.stats.remote(), timeout=60)
+            placement = {str(pool): ray.get([a.node_id.remote() for a in actors], timeout=60)
+                         for pool, actors in self.pools.items()}
+        except Exception:  # the aggregator is gone: the rows and the last checkpoint are what is left
+            params, stats, placement = None, None, None
+        wall = self.accounting.wall()
+        if params is not None:
+            np.savez(self.run_dir / "model.npz", **{k: params[k] for k in sorted(params)})
         table = self.recorder.table()
         derived = definitions.summarize(table, slow_total=int(self.dispatcher.slow.sum()), metric=primary)
         best = state["best"] if math.isfinite(state["best"]) else -1.0
-        summary = {
-            "experiment": cfg.experiment, "method": cfg.method.name, "seed": cfg.seed, "metric": primary,
+        summary.update({
             f"final_{primary}": state["score"], f"best_{primary}": best, "final_loss": state["loss"],
-            "rounds": self.dispatcher.version, "version": self.dispatcher.version, "wall_s": wall, "setup_s": setup_s,
-            "virtual_s": state["t"], "bytes_up": tot.bytes_up, "bytes_down": tot.bytes_down,
+            "rounds": state["version"], "version": state["version"], "wall_s": wall,
+            "setup_s": self.setup_s, "virtual_s": state["t"], "bytes_up": tot.bytes_up, "bytes_down": tot.bytes_down,
             "server_egress": tot.egress_bytes, "train_flops": tot.train_flops,
             "sparse_train_flops": tot.sparse_train_flops, "energy_j": tot.energy_j, "updates": tot.updates,
-            "dropped": tot.dropped, "late": tot.late, "rejected": tot.rejected,
-            "rejected_by_reason": stats["rejected"], "model_puts": stats["puts"], "model_inline": stats["inlined"],
-            "client_state_bytes": stats["client_state_bytes"],
-            "model_sha256": model_digest(params), "run_dir": str(self.run_dir), "placement": placement, **derived,
-            **{f"client_{primary}_{k}": x for k, x in state["clients"].items()},
-        }
-        if target is not None:
-            summary["target_accuracy"] = target
+            "dropped": tot.dropped, "late": tot.late, "rejected": tot.rejected, "checkpoints": self.checkpoints,
+            **derived, **{f"client_{primary}_{k}": x for k, x in state["clients"].items()},
+        })
+        if stats is not None:
+            summary.update({"rejected_by_reason": stats["rejected"], "model_puts": stats["puts"],
+                            "model_inline": stats["inlined"], "client_state_bytes": stats["client_state_bytes"],
+                            "model_sha256": model_digest(params), "placement": placement})
+        if cfg.server.target_accuracy is not None:
+            summary["target_accuracy"] = cfg.server.target_accuracy
             summary["time_to_target_s"] = state["target_s"]
         # the papers' seed metrics, under the same tags for every method
         tags = (f"final_{primary}", f"best_{primary}") + SUMMARY_TAGS
-        self.recorder.scalars(self.dispatcher.version, {  # NaN where a run has no value (target never reached)
+        self.recorder.scalars(state["version"], {  # NaN where a run has no value (target never reached)
             f"summary/{k}": summary[k] if isinstance(summary.get(k), (int, float)) else math.nan
             for k in tags}, virtual_s=state["t"])
         self.recorder.close(summary)
-        self.shutdown()
         return summary
 
     def shutdown(self) -> None:
@@ -251,6 +372,12 @@ class Runner:
             ray.util.remove_placement_group(self.placement_group)
         if getattr(self, "owns_ray", False):
             ray.shutdown()
+            self.owns_ray = False
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def run(cfg: C.ExperimentConfig, **kwargs) -> dict:

@@ -115,7 +115,7 @@ def test_fedray_submit_brings_the_run_folder_back(head, tmp_path):
     run = tmp_path / "runs" / "submit_fedray" / "fedavg-s0"
     s = json.loads((run / "summary.json").read_text())
     assert s["rounds"] == 3
-    assert (run / "metrics.parquet").is_file() and (run / "tb").is_dir()
+    assert (run / "metrics.parquet").exists() and (run / "tb").is_dir()
     assert "final accuracy" in r.stdout  # the job's own output was followed
 
 
