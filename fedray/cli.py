@@ -26,13 +26,12 @@ def cmd_run(args) -> int:
     from fedray import config
     from fedray.runtime.runner import run
 
+    storage = _storage(args)
     run_dir = None
     if args.resume:
-        run_dir = Path(args.resume)
         if args.config:
             raise ConfigError("--resume", "takes the run folder only (its config.yaml is the run's config)")
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError("--resume", f"'{run_dir}' is not a run folder (no config.yaml)")
+        run_dir = _resume_folder(args.resume)
         cfg = config.load(run_dir / "config.yaml", args.set)
     else:
         cfg = config.load(args.config or _default_config(), args.set)
@@ -40,8 +39,15 @@ def cmd_run(args) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, out_dir=args.out))
-    storage = _storage(args)
-    s = run(cfg, progress=not args.quiet and cfg.runtime.progress, run_dir=run_dir, resume=bool(args.resume))
+    try:
+        s = run(cfg, progress=not args.quiet and cfg.runtime.progress, run_dir=run_dir, resume=bool(args.resume))
+    except BaseException:  # an interrupted or failed run is stored too: its folder is what resumes it
+        folder = run_dir or cfg.run_dir
+        if storage and (Path(folder) / "config.yaml").is_file():
+            from fedray.storage import store_run
+
+            print(f"stored: {store_run(folder, storage)}", file=sys.stderr)
+        raise
     m = s["metric"]
     print(f"{cfg.method.name} seed {cfg.seed}: final {m} {s[f'final_{m}']:.4f} "
           f"(best {s[f'best_{m}']:.4f}) after {s['rounds']} rounds, "
@@ -52,6 +58,21 @@ def cmd_run(args) -> int:
 
         print(f"stored: {store_run(s['run_dir'], storage)}")
     return 0
+
+
+def _resume_folder(where: str) -> Path:
+    """The local run folder to resume: ``where`` itself, or a stored run (a ``pyarrow.fs`` URI,
+    ``<storage>/<experiment>/<run>``) fetched to ``runs/<experiment>/<run>`` here."""
+    from fedray import storage as S
+
+    if S.is_uri(where):
+        local = Path("runs") / S.tail(where, 2)
+        S.fetch_dir(where, local, "--resume")
+        where = str(local)
+    run_dir = Path(where)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError("--resume", f"'{where}' is not a run folder (no config.yaml)")
+    return run_dir
 
 
 def _storage(args) -> str | None:
@@ -153,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
     s.add_argument("--runtime-env", help="runtime-env YAML merged in (e.g. cluster/runtime_env.yaml)")
     s.add_argument("--no-wait", action="store_true", help="return after submitting")
-    s.add_argument("--resume", action="store_true", help="tune: resume the search in --storage")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run (from its folder in "
+                   "--storage) or search (Tuner.restore)")
     s.set_defaults(func=cmd_submit)
 
     rp = sub.add_parser("report", help="rebuild the table and plots from run folders")

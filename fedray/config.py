@@ -93,14 +93,26 @@ class ClientActorConfig:
 
 
 @dataclass(frozen=True)
+class ClientActorsConfig:
+    """An elastic pool: start with ``min`` client actors running, grow to ``max`` as room appears."""
+
+    min: int = _f(1, check=POS, doc="client actors that must run before the run starts")
+    max: int = _f(2, check=POS, doc="client actors the pool grows to when nodes join")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     address: str | None = _f(None, doc="Ray address; None starts Ray embedded")
-    num_client_actors: int = _f(2, check=POS)
+    num_client_actors: int = _f(2, check=POS, doc="client actors (a fixed pool)")
+    client_actors: ClientActorsConfig | None = _f(None, doc="an elastic pool {min, max} instead of a fixed one")
+    actor_wait_s: float = _f(300.0, check=POS, doc="seconds to wait for client actors to run (start, replacements)")
     client_actor: ClientActorConfig = _f(factory=ClientActorConfig)
     aggregator_cpus: float = _f(0.0, check=NONNEG)
     torch_threads: int = _f(1, check=POS)
     num_cpus: int | None = _f(None, check=POS, doc="CPUs of an embedded Ray (default: all)")
     max_restarts: int = _f(3, check=(lambda v: v >= -1, ">= -1"), doc="Ray restarts of a crashed client actor (-1: always)")
+    max_aggregator_restarts: int = _f(3, check=NONNEG, doc="times a lost aggregator is restored from the last "
+                                      "checkpoint before the run fails")
     max_task_retries: int = _f(2, check=(lambda v: v >= -1, ">= -1"), doc="retries of a training call lost with its actor")
     rounds_per_call: int = _f(32, check=POS, doc="at most this many synchronous rounds planned ahead and run back "
                               "to back by the aggregator in one call, sized to about 0.25 s of rounds (methods "
@@ -318,6 +330,13 @@ def _check_cross(cfg: ExperimentConfig) -> None:
     from fedray.devices.population import population
 
     population(cfg.devices)  # validates tiers and ranges with field paths
+    ca = cfg.cluster.client_actors
+    if ca is not None:
+        if ca.min > ca.max:
+            raise ConfigError("cluster.client_actors.min", f"must be <= max ({ca.max}), got {ca.min}")
+        if cfg.devices.placement != "none":
+            raise ConfigError("cluster.client_actors", "an elastic pool cannot use a placement group "
+                                                       "(devices.placement must be none)")
     if cfg.train.local_epochs == 0 and cfg.train.local_steps is None:
         raise ConfigError("train.local_epochs", "must be > 0 unless train.local_steps is set")
 

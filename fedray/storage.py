@@ -75,6 +75,23 @@ def copy_dir(src: str | Path, dest: str, field: str = "--storage") -> str:
     return dest
 
 
+def tail(storage: str, n: int) -> str:
+    """The last ``n`` parts of a storage string's path, as a relative local path."""
+    parts = [p for p in (storage.split("://", 1)[-1] if is_uri(storage) else storage).split("/") if p]
+    return str(Path(*parts[-n:]))
+
+
+def fetch_dir(src: str, dest: str | Path, field: str = "--storage") -> Path:
+    """Copy storage folder ``src`` (URI or path) to local folder ``dest`` (created); returns it."""
+    fs, path = resolve(src, field)
+    if fs.get_file_info(f"{path}/config.yaml").type == pafs.FileType.NotFound:
+        raise ConfigError(field, f"'{src}' is not a stored run folder (no config.yaml)")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(dest.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
 def store_run(run_dir: str | Path, storage: str) -> str:
     """Copy ``runs/<experiment>/<run>`` to ``<storage>/<experiment>/<run>``; returns the destination."""
     run_dir = Path(run_dir)

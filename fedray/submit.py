@@ -111,8 +111,10 @@ def _importable(folder: Path):
             pass
 
 
-def entrypoint(command: str, config_rel: str, overrides, storage: str | None, *, resume: bool = False) -> str:
-    parts = ["fedray", command, config_rel]
+def entrypoint(command: str, config_rel: str, overrides, storage: str | None, *, resume: bool = False,
+               run_path: str | None = None) -> str:
+    """The job's command line; ``run_path``: the stored run folder a resumed ``run`` continues."""
+    parts = ["fedray", command, "--resume", run_path] if run_path else ["fedray", command, config_rel]
     for o in overrides:
         parts += ["--set", o]
     if storage:
@@ -138,7 +140,10 @@ def runtime_env(working_dir: str | Path, env_file: str | Path | None = None) -> 
         if not isinstance(env, dict):
             raise ConfigError("--runtime-env", f"'{p}' must hold a mapping")
     excludes = list(DEFAULT_EXCLUDES) + [e for e in env.get("excludes", []) or [] if e not in DEFAULT_EXCLUDES]
-    env = {**env, "working_dir": str(Path(working_dir).resolve()), "excludes": excludes}
+    # ``ray job stop`` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s);
+    # a run needs longer to finish its aggregation, save a checkpoint and store its folder
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": "120", **(env.get("env_vars") or {})}
+    env = {**env, "working_dir": str(Path(working_dir).resolve()), "excludes": excludes, "env_vars": env_vars}
     return env
 
 
@@ -206,7 +211,18 @@ def submit(address: str, config_path: str, *, overrides=(), storage: str | None 
     if storage is None:
         print(f"warning: no --storage given; results stay in the job's working directory on {address}",
               file=sys.stderr)
-    ep = entrypoint(command, config_rel, list(overrides), storage, resume=resume)
+    run_path = None
+    if resume and command == "run":  # the interrupted run's folder, as the job stored it
+        if storage is None:
+            raise ConfigError("--resume", "a run resumes from its stored folder: give --storage (where the "
+                                          "interrupted job stored it)")
+        run_path = S.join(storage, base.experiment, base.run_name)
+        from fedray.runtime import checkpoint
+
+        where = base.runtime.checkpoint_dir or S.join(run_path, "checkpoint")
+        if not checkpoint.exists(where):
+            raise ConfigError("--resume", f"no checkpoint of the run at '{where}' to resume from")
+    ep = entrypoint(command, config_rel, list(overrides), storage, resume=resume, run_path=run_path)
     try:
         job_id = c.submit_job(entrypoint=ep, runtime_env=runtime_env(wd, env_file))
     except Exception as e:

@@ -70,7 +70,7 @@ class AggregatorActor:
     def attach(self, actors: list, shared: list) -> None:
         """The client actors and the data references, for the rounds this actor dispatches
         (and the training data for per-client evaluation and batch-norm statistics)."""
-        self.actors, self.shared = actors, shared
+        self.actors, self.shared = list(actors), shared
         data, partitions = ray.get(shared)
         self.core.evaluator.train = (data["x"], data["y"], partitions)
 
@@ -114,14 +114,24 @@ class AggregatorActor:
         training starts as soon as the previous round's model exists, and that model is
         evaluated while the clients train. Every round ends in a new version (``close``).
         Returns per round the aggregation info, ``done_at`` (``time.time()`` when its result
-        was complete) and ``headers``: per call, its list of update headers or the exception
-        that lost it (actor or node gone after Ray's retries)."""
+        was complete) and ``headers``: per call, its list of update headers.
+
+        A round whose training call was lost with its actor (after Ray's restarts and retries)
+        is not admitted: the results end with ``{"lost": [actor indices]}`` and the driver sends
+        that round and the later ones again. A call whose first round is not the next version
+        (a call queued behind a lost round) returns ``[{"skipped": True}]``."""
+        if plans[0][3].version != self.core.version:
+            return [{"skipped": True}]
         outs = []
         calls = self._dispatch(plans[0][0])
-        for k, (_, items, due, record, clients) in enumerate(plans):
+        for k, (dispatch, items, due, record, clients) in enumerate(plans):
             lists = self._fetch(calls)
+            lost = [dispatch[c][0] for c, x in enumerate(lists) if isinstance(x, Exception)]
+            if lost:
+                outs.append({"lost": lost})
+                return outs
             out = self._admit_lists(lists, items, force=True, evaluate=False, close=True, record=record)
-            out["headers"] = [x if isinstance(x, Exception) else x[0] for x in lists]
+            out["headers"] = [x[0] for x in lists]
             if k + 1 < len(plans):
                 calls = self._dispatch(plans[k + 1][0])
             if due:
@@ -158,6 +168,15 @@ class AggregatorActor:
     def params(self) -> dict:
         """The final model as saved (the server's ``eval_params``: e.g. recomputed BN statistics)."""
         return self.core.eval_params()
+
+    def adopt(self, actors: list) -> None:
+        """Client actors the driver replaced."""
+        self.actors = list(actors)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def stats(self) -> dict:
         return {"version": self.core.version, "puts": self.puts, "inlined": self.inlined,

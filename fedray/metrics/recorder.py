@@ -147,6 +147,19 @@ class Recorder:
         if self.writer is not None:
             self.writer.flush()
 
+    def truncate(self, keep: int, purge_step: int | None = None) -> None:
+        """Forget everything after the first ``keep`` parts (a run rolled back to a checkpoint):
+        later parts are deleted, unwritten rows dropped, TensorBoard events from ``purge_step`` on
+        purged."""
+        for p in parts(self.path)[keep:]:
+            p.unlink()
+        self.parts, self.rows = keep, []
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir=str(self.dir / "tb"), purge_step=purge_step)
+
     def table(self) -> pa.Table:
         """Every row of the run so far (flushed first), read back from disk."""
         self.flush()

@@ -28,9 +28,13 @@ from typing import Any, Mapping
 
 from fedray import storage as S
 
-__all__ = ["save", "load", "exists", "config_digest", "FILE"]
+__all__ = ["AggregatorLost", "dumps", "loads", "save", "load", "exists", "config_digest", "FILE"]
 
 FILE = "state.pkl"
+
+
+class AggregatorLost(Exception):
+    """The aggregator actor is gone: the run restores a new one from its last checkpoint."""
 FORMAT = 1
 
 
@@ -40,11 +44,22 @@ def config_digest(cfg_dict: Mapping) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save(where: str, state: Mapping[str, Any]) -> int:
-    """Write ``state`` to ``where``/state.pkl atomically; returns the bytes written."""
+def dumps(state: Mapping[str, Any]) -> bytes:
+    """The checkpoint as bytes (a deep copy of the live state: the run can go on mutating it)."""
+    return pickle.dumps({"format": FORMAT, **state}, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(blob: bytes) -> dict:
+    state = pickle.load(io.BytesIO(blob))
+    if state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint format {state.get('format')!r} is not {FORMAT}")
+    return state
+
+
+def save(where: str, blob: bytes) -> int:
+    """Write a checkpoint (:func:`dumps`) to ``where``/state.pkl atomically; returns its size."""
     fs, path = S.resolve(where, "runtime.checkpoint_dir")
     fs.create_dir(path, recursive=True)
-    blob = pickle.dumps({"format": FORMAT, **state}, protocol=pickle.HIGHEST_PROTOCOL)
     tmp, final = f"{path}/.{FILE}.tmp", f"{path}/{FILE}"
     with fs.open_output_stream(tmp) as f:
         f.write(blob)
@@ -62,8 +77,4 @@ def exists(where: str) -> bool:
 def load(where: str) -> dict:
     fs, path = S.resolve(where, "runtime.checkpoint_dir")
     with fs.open_input_stream(f"{path}/{FILE}") as f:
-        blob = f.read()
-    state = pickle.load(io.BytesIO(blob))
-    if state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint format {state.get('format')!r} is not {FORMAT}")
-    return state
+        return loads(f.read())

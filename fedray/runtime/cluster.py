@@ -70,7 +70,8 @@ def actor_options(actor_cfg, *, name: str | None = None) -> dict:
 
 def actor_specs(cfg, profiles) -> list[tuple[object, dict]]:
     """``[(pool, Ray options)]`` of the client actors a run creates (see :func:`create_client_actors`)."""
-    n = cfg.cluster.num_client_actors
+    ca = cfg.cluster.client_actors
+    n = ca.max if ca is not None else cfg.cluster.num_client_actors
     if not cfg.devices.actor_per_tier:
         return [(None, actor_options(cfg.cluster.client_actor))] * n
     tiers: dict[str, DeviceProfile] = {}
@@ -89,7 +90,10 @@ def actor_specs(cfg, profiles) -> list[tuple[object, dict]]:
 def requested(cfg, profiles) -> dict[str, float]:
     """Resources the run's actors ask for, summed: ``{"CPU": ..., "GPU": ..., custom...}``."""
     out: dict[str, float] = {"CPU": float(cfg.cluster.aggregator_cpus)}
-    for _, o in actor_specs(cfg, profiles):
+    specs = actor_specs(cfg, profiles)
+    if cfg.cluster.client_actors is not None:  # an elastic pool needs room for its minimum only
+        specs = specs[:cfg.cluster.client_actors.min]
+    for _, o in specs:
         out["CPU"] += float(o.get("num_cpus", 1.0))
         out["GPU"] = out.get("GPU", 0.0) + float(o.get("num_gpus", 0.0) or 0.0)
         for k, v in (o.get("resources") or {}).items():
@@ -115,11 +119,22 @@ def check_resources(cfg, profiles, wait_s: float | None = None) -> None:
         time.sleep(1.0)
     if short:
         k, (want, got) = next(iter(short.items()))
-        n = cfg.cluster.num_client_actors
+        ca = cfg.cluster.client_actors
+        n = ca.min if ca is not None else cfg.cluster.num_client_actors
         field = "cluster.client_actor.num_gpus" if k == "GPU" else (
             "cluster.num_client_actors" if k == "CPU" else "cluster.client_actor.resources")
         raise ConfigError(field, f"the run's actors request {want:g} {k} ({n} client actors + the aggregator), "
                                  f"the cluster has {got:g}")
+
+
+def restart_options(cfg) -> dict:
+    """Ray restart options of a client actor. In a fixed pool a crashed actor (or one on a lost
+    node) is restarted and its training call retried: training is a pure function of its inputs
+    and the aggregator applies each dispatch_id at most once. An elastic pool does not wait for a
+    restart where there may be no room: the pool replaces the actor (see :mod:`fedray.runtime.pool`)."""
+    if cfg.cluster.client_actors is not None or cfg.cluster.max_restarts == 0:
+        return {"max_restarts": 0, "max_task_retries": 0}
+    return {"max_restarts": cfg.cluster.max_restarts, "max_task_retries": cfg.cluster.max_task_retries}
 
 
 def create_client_actors(cfg, profiles, make):
@@ -156,9 +171,7 @@ def create_client_actors(cfg, profiles, make):
                               f"({bundles}) with strategy {cfg.devices.placement.upper()}") from None
     pools: dict = {}
     for i, (pool, opts) in enumerate(specs):
-        # a crashed actor (or a lost node) is restarted and its training call retried: training is a
-        # pure function of its inputs and the aggregator applies each dispatch_id at most once
-        o = dict(opts, max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_task_retries)
+        o = dict(opts, **restart_options(cfg))
         if pg is not None:
             o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
         pools.setdefault(pool, []).append(make(o))

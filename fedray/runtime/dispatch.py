@@ -53,6 +53,8 @@ class Inflight:
     bytes_down: int = field(default=0, compare=False)  # bytes it received (a cut download: a part)
     call_refs: list = field(default=None, compare=False)  # [headers ref, payload refs...] of a driver-sent call
     call: int = field(default=0, compare=False)  # the call's index among its dispatch's calls
+    actor: int = field(default=-1, compare=False)  # the actor slot it was sent to
+    gen: int = field(default=0, compare=False)  # that slot's generation then
     slot: int = field(default=0, compare=False)  # this task's index in the call's lists
 
     @property
@@ -63,9 +65,9 @@ class Inflight:
 class Dispatcher:
     """Plans and costs dispatches for one run (driver side)."""
 
-    def __init__(self, cfg, setup, planner, channel, pools: dict, actor_index: dict):
+    def __init__(self, cfg, setup, planner, channel, pool):
         self.cfg, self.setup, self.planner, self.channel = cfg, setup, planner, channel
-        self.pools, self.actor_index = pools, actor_index
+        self.pool = pool
         self.profiles = setup.profiles
         self.next_dispatch = 0
         self.version = 0
@@ -208,16 +210,18 @@ class Dispatcher:
             self.battery_t[c] = r.t_end
 
     # ------------------------------------------------------------ routing
+    def actor_of(self, r: Inflight) -> int:
+        """The client actor a record is routed to (a ready one of its client's pool, by dispatch id)."""
+        return self.pool.route(self.pool.key_of(self.profiles[r.client_id].tier), r.dispatch_id)
+
     def groups(self, recs: list[Inflight]) -> list[tuple[int, list[Inflight]]]:
         """One call per client actor for the update tasks routed to it (by the client's tier
         pool): ``[(actor index, records)]``; sets every record's call index and slot."""
         groups: dict[int, list[Inflight]] = {}
+        self.pool.refresh()  # actors that started running since (an elastic pool grows)
         for r in recs:
-            if r.outcome != "update":
-                continue
-            tier = self.profiles[r.client_id].tier
-            pool = tier if tier in self.pools else None
-            groups.setdefault(self.actor_index[(pool, r.dispatch_id % len(self.pools[pool]))], []).append(r)
+            if r.outcome == "update":
+                groups.setdefault(self.actor_of(r), []).append(r)
         for n, group in enumerate(groups.values()):
             for j, r in enumerate(group):
                 r.call, r.slot = n, j

@@ -13,7 +13,6 @@ import math
 import time
 
 import numpy as np
-import ray
 
 from fedray.aggregation.validate import REASONS
 from fedray.errors import RunStopped
@@ -62,7 +61,7 @@ class Progress:
         clients = res.get("clients")
         if clients is None and run.method.schedule != "sync":
             due = run.client_eval_due(v)
-            clients = ray.get(run.aggregator.client_metrics.remote(due)) if due else None
+            clients = run.aggregator_get(run.aggregator.client_metrics.remote(due)) if due else None
         extra = {}
         if clients:
             sp = spread(m[primary] for m in clients.values())

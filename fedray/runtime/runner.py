@@ -11,15 +11,12 @@ run in real mode.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import ray
 
@@ -29,32 +26,20 @@ from fedray.aggregation.actor import AggregatorActor
 from fedray.channel import Channel
 from fedray.client.actor import ClientActor, train_call
 from fedray.errors import ConfigError, Interrupted, RunStopped
+from fedray.runtime.checkpoint import AggregatorLost
 from fedray.methods import registry
 from fedray.methods.base import PlanContext
-from fedray.metrics import definitions
 from fedray.metrics.recorder import Recorder
-from fedray.runtime import checkpoint, cluster
+from fedray.runtime import checkpoint, cluster, summary
 from fedray.runtime.accounting import Accounting, Totals
 from fedray.runtime.dispatch import Dispatcher
+from fedray.runtime.pool import ActorPool
 from fedray.runtime.progress import Progress
+from fedray.runtime.summary import model_digest
 from fedray.runtime.schedulers import scheduler_for
 from fedray.runtime.setup import prepare
 
-__all__ = ["Runner", "run", "model_digest", "SUMMARY_TAGS"]
-
-SUMMARY_TAGS = ("sdir", "sdir_layers", "slow_coverage", "time_to_target_s", "train_flops", "sparse_train_flops",
-                "flops_per_accuracy_point", "bytes_up", "bytes_down", "server_egress", "energy_j", "virtual_s")
-
-
-def model_digest(params: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(params):
-        v = np.ascontiguousarray(params[k])
-        h.update(k.encode())
-        h.update(str(v.dtype).encode())
-        h.update(v.tobytes())
-    return h.hexdigest()
-
+__all__ = ["Runner", "run", "model_digest"]
 
 class Runner:
     """One federated run of one method and seed. ``resume``: continue the run in ``run_dir``
@@ -69,6 +54,7 @@ class Runner:
         self.resume = resume
         self.stopping: str | None = None  # the signal that asked the run to stop
         self.checkpoints = 0
+        self.recoveries = 0  # aggregators restored from a checkpoint
         self.version_refs: dict[int, object] = {}  # model versions that dispatches in flight started from
 
     @property
@@ -111,13 +97,10 @@ class Runner:
         # references, so a restarted actor reads them again.
         self.shared = [ray.put({"x": ds.x_train, "y": ds.y_train}), ray.put(s.partitions)]
         self.test_ref = ray.put({"x": ds.x_test, "y": ds.y_test})
-        self.pools, self.placement_group = cluster.create_client_actors(
-            cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(cfg, ds.input_shape, ds.num_classes))
-        self.actors, actor_index = [], {}
-        for pool, actors in self.pools.items():
-            for i, a in enumerate(actors):
-                actor_index[(pool, i)] = len(self.actors)
-                self.actors.append(a)
+        self.pool = ActorPool(cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(
+            cfg, ds.input_shape, ds.num_classes))
+        self.placement_group = self.pool.placement_group
+        self.pool.start()
         self.aggregator = self._new_aggregator()
         if resumed is not None:
             ray.get(self.aggregator.load_state_dict.remote(resumed["aggregator"]))
@@ -125,7 +108,7 @@ class Runner:
         self.set_model_ref(started["model_ref"][0], resumed["version"] if resumed else 0)
         if started["message"] is not None and resumed is None:
             self.planner.receive(started["message"])
-        self.dispatcher = Dispatcher(cfg, s, self.planner, self.channel, self.pools, actor_index)
+        self.dispatcher = Dispatcher(cfg, s, self.planner, self.channel, self.pool)
         task_columns = {k: pa.float64() for k in s.task.finish({}, 0)}
         spread_columns = {f"client_{s.task.primary}_{k}": pa.float64() for k in ("mean", "std", "min", "p10", "p90")}
         self.recorder = Recorder(self.run_dir, tensorboard=cfg.runtime.tensorboard,
@@ -139,7 +122,7 @@ class Runner:
         s, cfg = self.setup, self.cfg
         agg = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
             cfg, s.params, self.test_ref, s.dataset.input_shape, s.dataset.num_classes)
-        agg.attach.remote(self.actors, self.shared)  # it dispatches synchronous rounds
+        agg.attach.remote(self.pool.actors, self.shared)  # it dispatches synchronous rounds
         return agg
 
     # ------------------------------------------------------------ talking to the actors
@@ -162,15 +145,16 @@ class Runner:
             return
         ref = self.model_ref if model_ref is None else model_ref
         if self.method.client_state:
-            refs = ray.get(self.aggregator.dispatch.remote([(i, [r.task for r in g]) for i, g in groups], [ref]))
-            for (_, group), call in zip(groups, refs):
+            refs = self.aggregator_get(self.aggregator.dispatch.remote([(i, [r.task for r in g]) for i, g in groups],
+                                                                     [ref]))
+            for (i, group), call in zip(groups, refs):
                 for r in group:
-                    r.call_refs = call
+                    r.call_refs, r.actor, r.gen = call, i, self.pool.gen[i]
             return
         for i, group in groups:
-            call = train_call(self.actors[i], ref, [r.task for r in group], self.shared)
+            call = train_call(self.pool.actors[i], ref, [r.task for r in group], self.shared)
             for r in group:
-                r.call_refs = call
+                r.call_refs, r.actor, r.gen = call, i, self.pool.gen[i]
 
     def redispatch(self, recs) -> None:
         """Send again the trainings in flight at a checkpoint, each from the version it started from."""
@@ -184,11 +168,34 @@ class Runner:
             self.send(group, ref)
 
     def receive(self, ups, force: bool, evaluate: bool, dropped) -> dict:
+        """Hand finished records to the aggregator; a training lost with its actor is run again
+        first, by another ready actor (or the slot's new one), from the same model version."""
+        for _ in range(5):
+            lost = [r for r in ups if isinstance(Dispatcher.headers([r])[r.dispatch_id], Exception)]
+            if not lost:
+                break
+            self.lose_actors({(r.actor, r.gen) for r in lost})
+            self.redispatch(lost)
         calls, items = self.dispatcher.items(ups)
-        return ray.get(self.aggregator.receive.remote(calls, items, force, evaluate, dropped))
+        return self.aggregator_get(self.aggregator.receive.remote(calls, items, force, evaluate, dropped))
+
+    def lose_actors(self, slots) -> None:
+        """``{(slot, generation)}`` whose actor is gone: each replaced once (the pool) and the
+        aggregator told."""
+        changed = False
+        for i, gen in sorted(slots):
+            if gen == self.pool.gen[i]:
+                self.pool.lose(i)
+                changed = True
+        if changed:
+            self.aggregator_get(self.aggregator.adopt.remote(self.pool.actors))
 
     def aggregator_get(self, ref):
-        return ray.get(ref)
+        """``ray.get`` of an aggregator call; its loss is :class:`AggregatorLost` (the run recovers)."""
+        try:
+            return ray.get(ref)
+        except cluster.LOST as e:
+            raise AggregatorLost(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     # ------------------------------------------------------------ schedule helpers
     def out_of_time(self, t: float) -> bool:
@@ -214,20 +221,23 @@ class Runner:
         every = self.cfg.runtime.checkpoint_every
         return bool(every) and version % every == 0 and version < self.cfg.server.rounds
 
-    def save_checkpoint(self) -> None:
-        """Everything needed to continue exactly from here (see :mod:`fedray.runtime.checkpoint`)."""
+    def save_checkpoint(self, disk: bool = True) -> None:
+        """Everything needed to continue exactly from here (see :mod:`fedray.runtime.checkpoint`),
+        kept in memory (what a lost aggregator is restored from) and, with ``disk``, written."""
         self.tracker.flush()
         inflight = self.scheduler.in_flight() if hasattr(self.scheduler, "in_flight") else []
         versions = sorted({r.task.version for r in inflight})
         params = dict(zip(versions, ray.get([self.version_refs[v] for v in versions]))) if versions else {}
         state = {"config": checkpoint.config_digest(C.to_dict(self.cfg)), "version": self.dispatcher.version,
-                 "aggregator": ray.get(self.aggregator.state_dict.remote()),
+                 "aggregator": self.aggregator_get(self.aggregator.state_dict.remote()),
                  "planner": self.planner.state_dict(), "dispatcher": self.dispatcher.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "totals": dataclasses.asdict(self.accounting.totals),
                  "progress": self.tracker.state_dict(), "recorder_parts": self.recorder.parts, "params": params,
                  "wall_s": self.accounting.wall()}
-        checkpoint.save(self.checkpoint_dir, state)
-        self.checkpoints += 1
+        self.snapshot = checkpoint.dumps(state)
+        if disk:
+            checkpoint.save(self.checkpoint_dir, self.snapshot)
+            self.checkpoints += 1
 
     def _load_checkpoint(self) -> dict:
         where = self.checkpoint_dir
@@ -244,9 +254,36 @@ class Runner:
         self.dispatcher.load_state_dict(state["dispatcher"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.accounting.totals = Totals(**state["totals"])
-        self.accounting.t0 -= state["wall_s"]  # wall time continues from the checkpoint's
         self.tracker.load_state_dict(state["progress"])
         self.scheduler.resume()
+
+    def _recover(self, why: str) -> None:
+        """The aggregator is gone: a new one from the last checkpoint (in memory), and the driver's
+        side rolled back to the same point; the aggregations since then are done again, so the
+        run's results are those of an undisturbed run."""
+        self.recoveries += 1
+        if self.recoveries > self.cfg.cluster.max_aggregator_restarts:
+            raise RuntimeError(f"the aggregator was lost {self.recoveries} times (last: {why})")
+        print(f"aggregator lost ({why}); restoring it from aggregation "
+              f"{checkpoint.loads(self.snapshot)['version']}", file=sys.stderr, flush=True)
+        try:
+            ray.kill(self.aggregator)
+        except Exception:
+            pass
+        state = checkpoint.loads(self.snapshot)
+        self.aggregator = self._new_aggregator()
+        ray.get(self.aggregator.load_state_dict.remote(state["aggregator"]))
+        self.version_refs = {}
+        self.set_model_ref(ray.get(self.aggregator.start.remote())["model_ref"][0], state["version"])
+        self.recorder.truncate(state["recorder_parts"], purge_step=state["version"] + 1)
+        s, cfg = self.setup, self.cfg  # fresh driver parts (no cache of the lost future survives)
+        self.planner = self.method.Planner(PlanContext(cfg, cfg.method.name, cfg.method.params, s.model, self.channel,
+                                                       s.profiles, s.examples))
+        self.dispatcher = Dispatcher(cfg, s, self.planner, self.channel, self.pool)
+        self.accounting = Accounting(cfg, self.dispatcher, self.planner, self.recorder, self.accounting.t0)
+        self.scheduler = scheduler_for(self)
+        self.resumed = state
+        self._restore(state)
 
     # ------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
@@ -284,11 +321,18 @@ class Runner:
             self.tracker = Progress(self, bar)
             self.scheduler = scheduler_for(self)
             if self.resumed is not None:
+                self.accounting.t0 -= self.resumed["wall_s"]  # wall time continues from the checkpoint's
                 self._restore(self.resumed)
                 if bar is not None:
                     bar.update(self.dispatcher.version)
+            self.save_checkpoint(disk=False)  # what a lost aggregator is restored from, until the first one
             try:
-                self.scheduler(self.tracker)
+                while True:
+                    try:
+                        self.scheduler(self.tracker)
+                        break
+                    except AggregatorLost as e:
+                        self._recover(str(e))
             finally:
                 if bar is not None:
                     bar.close()
@@ -319,52 +363,10 @@ class Runner:
         return summary
 
     def _finish(self, status: str, error: str | None) -> dict:
-        """Write what the run has: model, summary (with its status), the last rows."""
-        cfg, primary = self.cfg, self.setup.task.primary
-        state, tot = self.tracker.state, self.accounting.totals
-        summary = {"experiment": cfg.experiment, "method": cfg.method.name, "seed": cfg.seed, "status": status,
-                   "metric": primary, "run_dir": str(self.run_dir)}
-        if error is not None:
-            summary["error"] = error
-        try:
-            params = ray.get(self.aggregator.params.remote(), timeout=60)
-            stats = ray.get(self.aggregator.stats.remote(), timeout=60)
-            placement = {str(pool): ray.get([a.node_id.remote() for a in actors], timeout=60)
-                         for pool, actors in self.pools.items()}
-        except Exception:  # the aggregator is gone: the rows and the last checkpoint are what is left
-            params, stats, placement = None, None, None
-        wall = self.accounting.wall()
-        if params is not None:
-            np.savez(self.run_dir / "model.npz", **{k: params[k] for k in sorted(params)})
-        table = self.recorder.table()
-        derived = definitions.summarize(table, slow_total=int(self.dispatcher.slow.sum()), metric=primary)
-        best = state["best"] if math.isfinite(state["best"]) else -1.0
-        summary.update({
-            f"final_{primary}": state["score"], f"best_{primary}": best, "final_loss": state["loss"],
-            "rounds": state["version"], "version": state["version"], "wall_s": wall,
-            "setup_s": self.setup_s, "virtual_s": state["t"], "bytes_up": tot.bytes_up, "bytes_down": tot.bytes_down,
-            "server_egress": tot.egress_bytes, "train_flops": tot.train_flops,
-            "sparse_train_flops": tot.sparse_train_flops, "energy_j": tot.energy_j, "updates": tot.updates,
-            "dropped": tot.dropped, "late": tot.late, "rejected": tot.rejected, "checkpoints": self.checkpoints,
-            **derived, **{f"client_{primary}_{k}": x for k, x in state["clients"].items()},
-        })
-        if stats is not None:
-            summary.update({"rejected_by_reason": stats["rejected"], "model_puts": stats["puts"],
-                            "model_inline": stats["inlined"], "client_state_bytes": stats["client_state_bytes"],
-                            "model_sha256": model_digest(params), "placement": placement})
-        if cfg.server.target_accuracy is not None:
-            summary["target_accuracy"] = cfg.server.target_accuracy
-            summary["time_to_target_s"] = state["target_s"]
-        # the papers' seed metrics, under the same tags for every method
-        tags = (f"final_{primary}", f"best_{primary}") + SUMMARY_TAGS
-        self.recorder.scalars(state["version"], {  # NaN where a run has no value (target never reached)
-            f"summary/{k}": summary[k] if isinstance(summary.get(k), (int, float)) else math.nan
-            for k in tags}, virtual_s=state["t"])
-        self.recorder.close(summary)
-        return summary
+        return summary.write(self, status, error)
 
     def shutdown(self) -> None:
-        for a in getattr(self, "actors", []):
+        for a in self.pool.actors if getattr(self, "pool", None) is not None else []:
             ray.kill(a)
         if getattr(self, "aggregator", None) is not None:
             ray.kill(self.aggregator)

@@ -61,40 +61,56 @@ class SyncScheduler:
         pipelined = not run.method.feedback and cfg.devices.mode == "simulated"
         per_call = min(2, cfg.cluster.rounds_per_call) if pipelined else 1
         t, r = self.t, self.r
-        planned: list = []  # [(recs, plan, round)] not sent yet
-        waiting = None  # (planned, ref) of the call whose results are not read yet
-        last_done = None  # completion stamp of the last round read
+        planned: list = []  # [(recs, (evaluate, record, client_eval), round)] not sent yet
+        queue: list = []  # [(entries, ref, actor generations)] sent, results not read yet
+        timing = {"last": None}  # completion stamp of the last round read
 
-        def close(planned_, ref) -> list[float]:
-            """Record a call's rounds; returns their completion stamps."""
-            results = run.aggregator_get(ref)
-            for (recs, _, rr), res in zip(planned_, results):
-                run.accounting.record(recs, res, window=recs[0].task.version)
-                on_aggregate(res, max(x.t_end for x in recs), rr)
-            return [res["done_at"] for res in results]
+        def build(entry):
+            """The aggregator's plan of a round, routed to the ready actors now."""
+            recs, (due, record, clients), _ = entry
+            dispatch = [(i, [x.task for x in group]) for i, group in d.groups(recs)]
+            items = [(x.call, x.slot, x.expected) for x in recs if x.outcome == "update"]
+            return dispatch, items, due, record, clients
+
+        def submit(entries):
+            queue.append((entries, run.aggregator.rounds.remote([build(e) for e in entries]), list(run.pool.gen)))
+
+        def settle(keep: int):
+            """Read the queued calls until ``keep`` are left; a round lost with an actor is sent
+            again (with every round queued behind it) once the actor is replaced."""
+            nonlocal per_call
+            while len(queue) > keep:
+                entries, ref, gens = queue.pop(0)
+                results = run.aggregator_get(ref)
+                done = []
+                for (recs, _, rr), res in zip(entries, results):
+                    if "lost" in res or "skipped" in res:
+                        break
+                    run.accounting.record(recs, res, window=recs[0].task.version)
+                    on_aggregate(res, max(x.t_end for x in recs), rr)
+                    done.append(res["done_at"])
+                if done:  # size the next calls by the measured seconds per round
+                    first = timing["last"] if timing["last"] is not None else done[0]
+                    n = len(done) if timing["last"] is not None else len(done) - 1
+                    if n:
+                        per_call = max(1, min(cfg.cluster.rounds_per_call, int(CALL_S * n / max(done[-1] - first, 1e-6))))
+                    timing["last"] = done[-1]
+                if len(done) < len(entries):
+                    last = results[len(done)]
+                    if "lost" in last:
+                        run.lose_actors({(i, gens[i]) for i in last["lost"]})
+                    rest = entries[len(done):] + [e for q in queue for e in q[0]]
+                    for q in queue:  # the aggregator skips them (its version is behind theirs)
+                        run.aggregator_get(q[1])
+                    queue.clear()
+                    submit(rest)
 
         def send():
-            nonlocal planned, waiting, per_call, last_done
-            ref = run.aggregator.rounds.remote([plan for _, plan, _ in planned])
-            if waiting is not None:
-                done = close(*waiting)
-                first = last_done if last_done is not None else done[0]
-                n = len(done) if last_done is not None else len(done) - 1
-                if n:  # size the next calls by the measured seconds per round
-                    per_call = max(1, min(cfg.cluster.rounds_per_call, int(CALL_S * n / max(done[-1] - first, 1e-6))))
-                last_done = done[-1]
-            waiting, planned = (planned, ref), []
-            if not pipelined:
-                close(*waiting)
-                waiting = None
-
-        def drain():
-            nonlocal waiting
+            nonlocal planned
             if planned:
-                send()
-            if waiting is not None:
-                close(*waiting)
-                waiting = None
+                submit(planned)
+                planned = []
+            settle(1 if pipelined else 0)
 
         while d.version < cfg.server.rounds and not run.out_of_time(t) and not run.planner.finished():
             if run.stopping:
@@ -108,26 +124,25 @@ class SyncScheduler:
             limit = d.apply_deadline(recs, t, run.planner.deadline)
             d.occupy(recs, t)
             recs.sort()
-            dispatch = [(i, [x.task for x in group]) for i, group in d.groups(recs)]
-            items = [(x.call, x.slot, x.expected) for x in recs if x.outcome == "update"]
             record = RoundRecord(d.version, tuple(int(c) for c in sel),
                                  tuple(x.client_id for x in recs if x.outcome != "update"), limit)
-            planned.append((recs, (dispatch, items, run.eval_due(), record, run.client_eval_due(d.version + 1)), r))
+            planned.append((recs, (run.eval_due(), record, run.client_eval_due(d.version + 1)), r))
             d.version += 1
             for x in recs:  # every client of a synchronous round is done when the round ends
                 d.busy[x.client_id] = False
             r += 1
             due = run.checkpoint_due(d.version)
-            if len(planned) == per_call or due:
+            if len(planned) >= per_call or due:
                 send()
             # the round lasts as long as its slowest client (or the deadline); in real mode its
             # ends are the measured ones, known once the round is read (``send`` above)
             t = max(x.t_end for x in recs)
             if due:  # every planned round read: nothing in flight
-                drain()
+                settle(0)
                 self.t, self.r = t, r
                 run.save_checkpoint()
-        drain()
+        send()
+        settle(0)
         self.t, self.r = t, r
 
 

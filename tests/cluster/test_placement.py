@@ -4,13 +4,11 @@ The cluster runs in a subprocess so it never meets the session's shared Ray inst
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.runkit import run_python
 
 pytestmark = pytest.mark.cluster
 
@@ -46,13 +44,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_edge_clients_only_on_the_edge_node(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                       env=env)
-    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-4000:]
-    r = json.loads(lines[0][len("RESULT "):])
+    r = run_python(["-c", SCRIPT, str(tmp_path)], timeout=300)
     assert r["rounds"] == 3 and 0 <= r["accuracy"] <= 1
     assert set(r["placement"]["edge"]) == {r["edge_node"]}  # edge actors only where device:edge exists
     assert r["tiers"]["edge"]["aggregated"] > 0 and r["tiers"]["server"]["aggregated"] > 0

@@ -145,3 +145,41 @@ def test_fedray_submit_runs_a_tune_search(head, tmp_path):
     assert "fedray tune configs/tune/tiny_asha.yaml" in r.stderr  # detected from the tune: section
     best = store / "tune_tiny" / "tune" / "best.yaml"
     assert best.is_file() and "train:" in best.read_text()
+
+
+def test_a_stopped_job_resumes_with_fedray_submit_resume(head, tmp_path):
+    """``ray job stop`` (SIGTERM) ends the run with a checkpoint and its folder stored;
+    ``fedray submit --resume`` continues it to the model of a run that was never stopped."""
+    from ray.job_submission import JobSubmissionClient
+
+    url, env = head
+    store, ck = tmp_path / "store", tmp_path / "ck"
+    sets = ["--set", "server.rounds=400", "--set", "experiment=submit_resume", "--set", "runtime.tensorboard=false",
+            "--set", "runtime.checkpoint_every=20", "--set", f"runtime.checkpoint_dir={ck}"]
+    base = [str(BIN / "fedray"), "submit", "--address", url, "configs/quickstart.yaml", "--storage", str(store), *sets]
+    r = subprocess.run([*base, "--no-wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job = r.stdout.split()[1]
+    deadline = time.time() + 300
+    while not (ck / "state.pkl").is_file():  # the run is under way
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    c = JobSubmissionClient(url)
+    c.stop_job(job)
+    while str(c.get_job_status(job)).split(".")[-1] not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline + 120
+        time.sleep(0.5)
+    run = store / "submit_resume" / "fedavg-s0"
+    stopped = json.loads((run / "summary.json").read_text())
+    assert stopped["status"] == "interrupted" and 0 < stopped["version"] < 400, c.get_job_logs(job)[-3000:]
+    r = subprocess.run([*base, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"fedray run --resume {run}" in r.stderr
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["version"] == 400
+    straight = subprocess.run([str(BIN / "fedray"), "run", "configs/quickstart.yaml", *sets[:-2], "--quiet",
+                               "--out", str(tmp_path / "straight")], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    ref = json.loads((tmp_path / "straight" / "submit_resume" / "fedavg-s0" / "summary.json").read_text())
+    assert resumed["model_sha256"] == ref["model_sha256"]

@@ -17,6 +17,7 @@ from fedray.methods import registry
 from fedray.runtime.runner import model_digest, run
 from fedray.runtime.setup import prepare
 from fedray.devices import population
+from tests import runkit
 
 pytestmark = pytest.mark.ray
 
@@ -29,16 +30,9 @@ METHOD_PARAMS = {
 
 
 def small(tmp_path, method: dict, **over):
-    base = {"experiment": "api", "method": method,
-            "data": {"name": "digits", "num_clients": 12, "cache_dir": str(tmp_path / "cache")},
-            "model": {"name": "mlp", "options": {"hidden": [24, 12]}},
-            "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
-            "server": {"rounds": 4, "clients_per_round": 4, "eval_every": 2},
-            "devices": {"tiers": "clamp", "link": "lognormal", "reference_flops": 2e6, "load_sigma": 0.2,
-                        "noise_sigma": 0.1, "dropout_prob": 0.1},
-            "cluster": {"num_client_actors": 2},
-            "runtime": {"progress": False, "tensorboard": False, "out_dir": str(tmp_path / "runs")}}
-    return from_dict(base, [f"{k}={v}" for k, v in over.items()])
+    return runkit.small(tmp_path, method, "runs", **{"experiment": "api", "server.rounds": 4,
+                                                     "devices.noise_sigma": 0.1, "runtime.checkpoint_every": 0,
+                                                     **over})
 
 
 def table(summary):

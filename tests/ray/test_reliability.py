@@ -15,11 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from fedray.config import from_dict
 from fedray.errors import Interrupted, RunStopped
-from fedray.metrics.recorder import WALL_COLUMNS
-from fedray.runtime import progress
 from fedray.runtime.runner import Runner
+from tests.runkit import small, stop_after, table
 
 pytestmark = pytest.mark.ray
 FEDRAY = Path(sys.executable).parent / "fedray"
@@ -28,37 +26,6 @@ RESUMED = {
     "fedavg": {}, "fedbuff": {"buffer_size": 3, "concurrency": 5, "server_momentum": 0.5},
     "prfl": {"interval_s": 2.0, "recompute_every": 2, "patience": 1}, "scaffold": {},
 }
-
-
-def small(tmp_path, method: dict, out: str, **over):
-    base = {"experiment": "rel", "method": method,
-            "data": {"name": "digits", "num_clients": 12, "cache_dir": str(tmp_path / "cache")},
-            "model": {"name": "mlp", "options": {"hidden": [24, 12]}},
-            "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
-            "server": {"rounds": 10, "clients_per_round": 4, "eval_every": 2},
-            "devices": {"tiers": "clamp", "link": "lognormal", "reference_flops": 2e6, "load_sigma": 0.2,
-                        "dropout_prob": 0.1},
-            "cluster": {"num_client_actors": 2},
-            "runtime": {"progress": False, "tensorboard": False, "out_dir": str(tmp_path / out),
-                        "checkpoint_every": 3}}
-    return from_dict(base, [f"{k}={v}" for k, v in over.items()])
-
-
-def table(run_dir):
-    t = pq.read_table(os.path.join(run_dir, "metrics.parquet")).to_pandas()
-    return t.drop(columns=[c for c in WALL_COLUMNS if c in t.columns])
-
-
-def stop_after(monkeypatch, version: int, action):
-    """Run ``action(runner)`` once the run has aggregated ``version`` (in the driver)."""
-    orig = progress.Progress.__call__
-
-    def hooked(self, res, t, rnd):
-        orig(self, res, t, rnd)
-        if res["version"] >= version:
-            action(self.run)
-
-    monkeypatch.setattr(progress.Progress, "__call__", hooked)
 
 
 @pytest.mark.parametrize("name", list(RESUMED))

@@ -203,7 +203,10 @@ def test_submit_helpers(tmp_path):
     assert submit.detect_command(write(tmp_path, {**BASE, "compare": {"methods": ["fedavg"]}})) == "compare"
     ep = submit.entrypoint("run", "configs/quickstart.yaml", ["server.rounds=3", "a.b=x y"], "/tmp/r")
     assert ep == "fedray run configs/quickstart.yaml --set server.rounds=3 --set 'a.b=x y' --storage /tmp/r --quiet"
+    ep = submit.entrypoint("run", "configs/quickstart.yaml", [], "/tmp/r", resume=True, run_path="/tmp/r/exp/fedavg-s0")
+    assert ep == "fedray run --resume /tmp/r/exp/fedavg-s0 --storage /tmp/r --quiet"
     env = submit.runtime_env(".", "cluster/runtime_env.yaml")
+    assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "120"  # ray job stop leaves a run time to checkpoint
     assert env["working_dir"] == str(Path(".").resolve())
     assert {".venv/", "runs/", ".git/"} <= set(env["excludes"])
     assert submit.is_local_address("http://127.0.0.1:8265") and submit.is_local_address("http://localhost:1")
