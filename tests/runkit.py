@@ -25,6 +25,22 @@ def small(tmp_path, method: dict, out: str, **over):
     return from_dict(base, [f"{k}={v}" for k, v in over.items()])
 
 
+_REFERENCES: dict[str, dict] = {}
+
+
+def reference(tmp_path_factory, method: dict) -> dict:
+    """The summary of an undisturbed :func:`small` run of ``method``, run once per test session
+    (the tests of faults and of resuming compare against the same runs)."""
+    import json
+
+    from fedray.runtime.runner import Runner
+
+    key = json.dumps(method, sort_keys=True)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = Runner(small(tmp_path_factory.mktemp("ref"), method, "ref")).run()
+    return _REFERENCES[key]
+
+
 def table(run_dir):
     t = pq.read_table(os.path.join(run_dir, "metrics.parquet")).to_pandas()
     return t.drop(columns=[c for c in WALL_COLUMNS if c in t.columns])

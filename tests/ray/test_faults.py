@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from fedray.runtime.runner import Runner
-from tests.runkit import small, stop_after, table
+from tests.runkit import reference, small, stop_after, table
 
 pytestmark = pytest.mark.ray
 
@@ -42,12 +42,13 @@ def same_run(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_a_lost_aggregator_is_restored_and_the_run_is_unchanged(ray_session, tmp_path, monkeypatch, name):
+def test_a_lost_aggregator_is_restored_and_the_run_is_unchanged(ray_session, tmp_path, tmp_path_factory, monkeypatch,
+                                                                name):
     """The aggregator used to be a single point of failure: its loss ended the run with a Ray
     traceback and lost the rows, the summary and the model. Killed after aggregation 5 (the last
     checkpoint was at 3), it is restored and aggregations 4-5 are done again."""
     method = {"name": name, **METHODS[name]}
-    ref = Runner(small(tmp_path, method, "ref")).run()
+    ref = reference(tmp_path_factory, method)
     with monkeypatch.context() as m:
         stop_after(m, 5, kill_aggregator, once=True)
         hit = Runner(small(tmp_path, method, "hit")).run()
@@ -55,9 +56,10 @@ def test_a_lost_aggregator_is_restored_and_the_run_is_unchanged(ray_session, tmp
     same_run(hit, ref)
 
 
-def test_an_aggregator_lost_before_the_first_checkpoint_replays_from_the_start(ray_session, tmp_path, monkeypatch):
+def test_an_aggregator_lost_before_the_first_checkpoint_replays_from_the_start(ray_session, tmp_path, tmp_path_factory,
+                                                                             monkeypatch):
     method = {"name": "fedbuff", **METHODS["fedbuff"]}
-    ref = Runner(small(tmp_path, method, "ref", **{"runtime.checkpoint_every": 0})).run()
+    ref = reference(tmp_path_factory, method)
     with monkeypatch.context() as m:
         stop_after(m, 2, kill_aggregator, once=True)
         hit = Runner(small(tmp_path, method, "hit", **{"runtime.checkpoint_every": 0})).run()
@@ -65,9 +67,9 @@ def test_an_aggregator_lost_before_the_first_checkpoint_replays_from_the_start(r
     same_run(hit, ref)
 
 
-def test_a_crashed_actor_is_restarted_and_the_run_is_unchanged(ray_session, tmp_path, monkeypatch):
+def test_a_crashed_actor_is_restarted_and_the_run_is_unchanged(ray_session, tmp_path, tmp_path_factory, monkeypatch):
     method = {"name": "fedavg"}
-    ref = Runner(small(tmp_path, method, "ref")).run()
+    ref = reference(tmp_path_factory, method)
     with monkeypatch.context() as m:
         stop_after(m, 3, kill_client_actor, once=True)
         hit = Runner(small(tmp_path, method, "hit")).run()
@@ -76,11 +78,12 @@ def test_a_crashed_actor_is_restarted_and_the_run_is_unchanged(ray_session, tmp_
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedbuff"])
-def test_an_actor_without_restarts_is_replaced_and_its_trainings_run_again(ray_session, tmp_path, monkeypatch, name):
+def test_an_actor_without_restarts_is_replaced_and_its_trainings_run_again(ray_session, tmp_path, tmp_path_factory,
+                                                                          monkeypatch, name):
     """``cluster.max_restarts=0``: the actor is gone for good after a crash. A new actor takes its
     slot and the trainings lost with it are run again (each applied once)."""
     method = {"name": name, **METHODS[name]}
-    ref = Runner(small(tmp_path, method, "ref")).run()
+    ref = reference(tmp_path_factory, method)
     with monkeypatch.context() as m:
         stop_after(m, 3, kill_client_actor, once=True)
         hit = Runner(small(tmp_path, method, "hit", **{"cluster.max_restarts": 0})).run()

@@ -17,7 +17,7 @@ import yaml
 
 from fedray.errors import Interrupted, RunStopped
 from fedray.runtime.runner import Runner
-from tests.runkit import small, stop_after, table
+from tests.runkit import reference, small, stop_after, table
 
 pytestmark = pytest.mark.ray
 FEDRAY = Path(sys.executable).parent / "fedray"
@@ -29,11 +29,11 @@ RESUMED = {
 
 
 @pytest.mark.parametrize("name", list(RESUMED))
-def test_interrupt_and_resume_equals_one_run(ray_session, tmp_path, monkeypatch, name):
+def test_interrupt_and_resume_equals_one_run(ray_session, tmp_path, tmp_path_factory, monkeypatch, name):
     """N aggregations in one go == k, an interruption (the SIGTERM path), resume, N - k more:
     the same metrics table (wall columns aside) and the same model bytes."""
     method = {"name": name, **RESUMED[name]}
-    straight = Runner(small(tmp_path, method, "a")).run()
+    straight = reference(tmp_path_factory, method)
     cfg = small(tmp_path, method, "b")
     with monkeypatch.context() as m:
         stop_after(m, 5, lambda run: setattr(run, "stopping", run.stopping or "SIGTERM"))
