@@ -31,11 +31,11 @@ from fedray import storage as S
 __all__ = ["AggregatorLost", "dumps", "loads", "save", "load", "exists", "config_digest", "FILE"]
 
 FILE = "state.pkl"
+FORMAT = 1
 
 
 class AggregatorLost(Exception):
     """The aggregator actor is gone: the run restores a new one from its last checkpoint."""
-FORMAT = 1
 
 
 def config_digest(cfg_dict: Mapping) -> str:

@@ -264,17 +264,16 @@ class Runner:
         self.recoveries += 1
         if self.recoveries > self.cfg.cluster.max_aggregator_restarts:
             raise RuntimeError(f"the aggregator was lost {self.recoveries} times (last: {why})")
-        print(f"aggregator lost ({why}); restoring it from aggregation "
-              f"{checkpoint.loads(self.snapshot)['version']}", file=sys.stderr, flush=True)
+        state = checkpoint.loads(self.snapshot)
+        print(f"aggregator lost ({why}); restoring it from aggregation {state['version']}", file=sys.stderr, flush=True)
         try:
             ray.kill(self.aggregator)
         except Exception:
             pass
-        state = checkpoint.loads(self.snapshot)
-        self.aggregator = self._new_aggregator()
-        ray.get(self.aggregator.load_state_dict.remote(state["aggregator"]))
+        self.aggregator = self._new_aggregator()  # (lost again while restoring: the next try)
+        self.aggregator_get(self.aggregator.load_state_dict.remote(state["aggregator"]))
         self.version_refs = {}
-        self.set_model_ref(ray.get(self.aggregator.start.remote())["model_ref"][0], state["version"])
+        self.set_model_ref(self.aggregator_get(self.aggregator.start.remote())["model_ref"][0], state["version"])
         self.recorder.truncate(state["recorder_parts"], purge_step=state["version"] + 1)
         s, cfg = self.setup, self.cfg  # fresh driver parts (no cache of the lost future survives)
         self.planner = self.method.Planner(PlanContext(cfg, cfg.method.name, cfg.method.params, s.model, self.channel,
@@ -327,12 +326,15 @@ class Runner:
                     bar.update(self.dispatcher.version)
             self.save_checkpoint(disk=False)  # what a lost aggregator is restored from, until the first one
             try:
+                lost = None
                 while True:
                     try:
+                        if lost is not None:
+                            self._recover(lost)
                         self.scheduler(self.tracker)
                         break
                     except AggregatorLost as e:
-                        self._recover(str(e))
+                        lost = str(e)
             finally:
                 if bar is not None:
                     bar.close()
