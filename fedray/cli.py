@@ -25,6 +25,7 @@ def _default_config() -> str:
 def cmd_run(args) -> int:
     from fedray import config
     from fedray.runtime.runner import run
+    from fedray.storage import store_run
 
     storage = _storage(args)
     run_dir = None
@@ -44,8 +45,6 @@ def cmd_run(args) -> int:
     except BaseException:  # an interrupted or failed run is stored too: its folder is what resumes it
         folder = run_dir or cfg.run_dir
         if storage and (Path(folder) / "config.yaml").is_file():
-            from fedray.storage import store_run
-
             print(f"stored: {store_run(folder, storage)}", file=sys.stderr)
         raise
     m = s["metric"]
@@ -54,8 +53,6 @@ def cmd_run(args) -> int:
           f"wall {s['wall_s']:.1f}s (+{s['setup_s']:.1f}s setup), virtual {s['virtual_s']:.1f}s")
     print(f"logs: {s['run_dir']}  (tensorboard --logdir {Path(s['run_dir']).parent})")
     if storage:
-        from fedray.storage import store_run
-
         print(f"stored: {store_run(s['run_dir'], storage)}")
     return 0
 

@@ -97,16 +97,12 @@ class ActorPool:
         return tier if tier in self.keys else None
 
     def route(self, key, dispatch_id: int) -> int:
-        """The slot a dispatch goes to: the ready slots of its pool, by dispatch id."""
-        ready = [i for i, k in enumerate(self.keys) if k == key and self.ready[i]]
-        if not ready:
-            self.refresh()
-            ready = [i for i, k in enumerate(self.keys) if k == key and self.ready[i]]
+        """The slot a dispatch goes to: the ready slots of its pool, by dispatch id (waiting for
+        one to run if none does)."""
         deadline = time.time() + self.cfg.cluster.actor_wait_s
-        while not ready:
+        while not (ready := [i for i, k in enumerate(self.keys) if k == key and self.ready[i]]):
             if time.time() > deadline:
                 raise NoActors(f"no client actor of pool {key or 'default'} runs after "
                                f"{self.cfg.cluster.actor_wait_s:g} s (cluster.actor_wait_s)")
             self.refresh(wait=5.0)
-            ready = [i for i, k in enumerate(self.keys) if k == key and self.ready[i]]
         return ready[dispatch_id % len(ready)]

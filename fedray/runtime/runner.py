@@ -91,8 +91,7 @@ class Runner:
         self._install_signals()  # (what to restore at the end is what the first call replaced)
         cluster.check_resources(cfg, s.profiles)
         self.channel = Channel(s.model.like)
-        self.planner = self.method.Planner(PlanContext(cfg, cfg.method.name, cfg.method.params, s.model, self.channel,
-                                                       s.profiles, s.examples))
+        self.planner = self._new_planner()
         # one put of the data set for the whole run; actors read it zero-copy. The driver keeps the
         # references, so a restarted actor reads them again.
         self.shared = [ray.put({"x": ds.x_train, "y": ds.y_train}), ray.put(s.partitions)]
@@ -117,6 +116,11 @@ class Runner:
                                  purge_step=resumed["version"] + 1 if resumed else None)
         self.resumed = resumed
         C.dump(cfg, self.run_dir / "config.yaml")
+
+    def _new_planner(self):
+        s, cfg = self.setup, self.cfg
+        return self.method.Planner(PlanContext(cfg, cfg.method.name, cfg.method.params, s.model, self.channel,
+                                               s.profiles, s.examples))
 
     def _new_aggregator(self):
         s, cfg = self.setup, self.cfg
@@ -276,8 +280,7 @@ class Runner:
         self.set_model_ref(self.aggregator_get(self.aggregator.start.remote())["model_ref"][0], state["version"])
         self.recorder.truncate(state["recorder_parts"], purge_step=state["version"] + 1)
         s, cfg = self.setup, self.cfg  # fresh driver parts (no cache of the lost future survives)
-        self.planner = self.method.Planner(PlanContext(cfg, cfg.method.name, cfg.method.params, s.model, self.channel,
-                                                       s.profiles, s.examples))
+        self.planner = self._new_planner()
         self.dispatcher = Dispatcher(cfg, s, self.planner, self.channel, self.pool)
         self.accounting = Accounting(cfg, self.dispatcher, self.planner, self.recorder, self.accounting.t0)
         self.scheduler = scheduler_for(self)
