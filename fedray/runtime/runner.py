@@ -55,6 +55,7 @@ class Runner:
         self.stopping: str | None = None  # the signal that asked the run to stop
         self.checkpoints = 0
         self.recoveries = 0  # aggregators restored from a checkpoint
+        self.final = None  # (params, stats) of the aggregator once the schedule is done
         self.version_refs: dict[int, object] = {}  # model versions that dispatches in flight started from
 
     @property
@@ -335,6 +336,10 @@ class Runner:
                         if lost is not None:
                             self._recover(lost)
                         self.scheduler(self.tracker)
+                        # read the model here: an aggregator lost after its last aggregation is
+                        # recovered like one lost before it
+                        self.final = (self.aggregator_get(self.aggregator.params.remote()),
+                                      self.aggregator_get(self.aggregator.stats.remote()))
                         break
                     except AggregatorLost as e:
                         lost = str(e)

@@ -25,6 +25,18 @@ def model_digest(params: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _placement(pool) -> dict:
+    """``{pool: [node ids]}`` of the actors that answer (one whose node was just lost is left out)."""
+    out: dict = {}
+    for key, actors in pool.running().items():
+        for a in actors:
+            try:
+                out.setdefault(str(key), []).append(ray.get(a.node_id.remote(), timeout=60))
+            except Exception:
+                continue
+    return out
+
+
 def write(run, status: str, error: str | None) -> dict:
     """Write what run ``run`` has: model, summary (with its status), the last rows."""
     cfg, primary = run.cfg, run.setup.task.primary
@@ -34,12 +46,11 @@ def write(run, status: str, error: str | None) -> dict:
     if error is not None:
         summary["error"] = error
     try:
-        params = ray.get(run.aggregator.params.remote(), timeout=60)
-        stats = ray.get(run.aggregator.stats.remote(), timeout=60)
-        placement = {str(pool): ray.get([a.node_id.remote() for a in actors], timeout=60)
-                     for pool, actors in run.pool.running().items()}
+        params, stats = run.final or (ray.get(run.aggregator.params.remote(), timeout=60),
+                                      ray.get(run.aggregator.stats.remote(), timeout=60))
     except Exception:  # the aggregator is gone: the rows and the last checkpoint are what is left
-        params, stats, placement = None, None, None
+        params, stats = None, None
+    placement = _placement(run.pool)
     wall = run.accounting.wall()
     if params is not None:
         np.savez(run.run_dir / "model.npz", **{k: params[k] for k in sorted(params)})

@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent('''
             "model": {"name": "mlp", "options": {"hidden": [24]}},
             "devices": {"tiers": "clamp", "reference_flops": 2e6, "dropout_prob": 0.1},
             "server": {"rounds": 30, "clients_per_round": 4, "eval_every": 5},
-            "cluster": actors,
+            "cluster": {**actors, "rounds_per_call": 1},  # one round a call: the hooks act between rounds
             "runtime": {"progress": False, "tensorboard": False, "out_dir": out + "/" + name, "flush_s": 0.1}})
 
     def table(run_dir):
