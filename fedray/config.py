@@ -22,6 +22,7 @@ import yaml
 from fedray.errors import ConfigError
 
 from fedray.params import FRACTION, NONNEG, POS, UNIT, UNIT_POS, _f, build  # noqa: F401 (field helpers)
+from fedray.security import AttackConfig, DefenseConfig, PrivacyConfig
 
 # ---------------------------------------------------------------- sections
 
@@ -76,6 +77,9 @@ class ServerConfig:
                                          "else a seeded sample)")
     max_rejected_rounds: int = _f(5, check=NONNEG, doc="stop when every update of this many consecutive "
                                   "aggregations was rejected (0: never)")
+    max_examples_weight: float | None = _f(None, check=POS, doc="cap on an update's example-count weight (the "
+                                           "server's own count of the client's data caps it always)")
+    target_epsilon: float | None = _f(None, check=POS, doc="DP: stop before the privacy loss passes this epsilon")
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,9 @@ class ExperimentConfig:
     devices: DevicesConfig = _f(factory=DevicesConfig)
     cluster: ClusterConfig = _f(factory=ClusterConfig)
     runtime: RuntimeConfig = _f(factory=RuntimeConfig)
+    defense: DefenseConfig = _f(factory=DefenseConfig)
+    attack: AttackConfig = _f(factory=AttackConfig)
+    privacy: PrivacyConfig = _f(factory=PrivacyConfig)
 
     @property
     def run_name(self) -> str:
@@ -300,6 +307,7 @@ def _check_cross(cfg: ExperimentConfig) -> None:
     from fedray import plugins
     from fedray.data.datasets import DATASETS, needs_root
     from fedray.models.zoo import MODELS
+    from fedray import security
     from fedray.tasks import get_task
 
     if plugins.is_import_path(cfg.data.name):
@@ -339,6 +347,7 @@ def _check_cross(cfg: ExperimentConfig) -> None:
                                                        "(devices.placement must be none)")
     if cfg.train.local_epochs == 0 and cfg.train.local_steps is None:
         raise ConfigError("train.local_epochs", "must be > 0 unless train.local_steps is set")
+    security.check(cfg)
 
 
 TOOL_SECTIONS = ("compare", "tune")

@@ -21,6 +21,10 @@ PURPOSES = {
     "explore": 10,
     "split": 11,
     "client_eval": 12,
+    "attack": 13,
+    "attack_noise": 14,
+    "dp": 15,
+    "local_dp": 16,
 }
 
 

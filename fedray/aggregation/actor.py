@@ -29,8 +29,9 @@ per version and sent by reference."""
 
 @ray.remote
 class AggregatorActor:
-    def __init__(self, cfg, params, test_data: dict, input_shape, num_classes):
+    def __init__(self, cfg, params, test_data: dict, input_shape, num_classes, examples=None):
         from fedray import seeding
+        from fedray.aggregation.defense import Defense
         from fedray.methods import registry
         from fedray.methods.base import ServerContext
         from fedray.models.factory import build_model
@@ -47,7 +48,7 @@ class AggregatorActor:
         server = method.Server(ServerContext(cfg, cfg.method.name, cfg.method.params, info, cfg.data.num_clients))
         evaluator = Evaluator(model, get_task(cfg.task.name, cfg.task.options), test_data["x"], test_data["y"],
                               cfg.runtime.device)
-        self.core = AggregatorCore(params, server, evaluator, Channel(info.like))
+        self.core = AggregatorCore(params, server, evaluator, Channel(info.like), Defense(cfg, server, examples))
         self.puts = 0
         self._ref = None
         self._ref_version = -1
@@ -182,7 +183,8 @@ class AggregatorActor:
         return {"version": self.core.version, "puts": self.puts, "inlined": self.inlined,
                 "applied": self.core.applied, "rejected": dict(self.core.rejected),
                 "client_state_bytes": self.core.store.bytes_in + self.core.store.bytes_out,
-                "client_states": len(self.core.store)}
+                "client_states": len(self.core.store), "excluded": self.core.defense.state["excluded"],
+                "dp_clip": self.core.defense.state["dp_clip"]}
 
     def state_dict(self) -> dict:
         return {"core": self.core.state_dict(), "puts": self.puts, "inlined": self.inlined}

@@ -10,12 +10,14 @@ state store and keeps a valid update's new client state.
 from __future__ import annotations
 
 import collections
+import math
 from typing import Mapping
 
 import numpy as np
 
 from fedray.aggregation import validate
 from fedray.aggregation.accumulate import Contribution
+from fedray.aggregation.defense import Defense
 from fedray.aggregation.kernels import all_finite
 from fedray.aggregation.merge import lazy_decode
 from fedray.channel import Channel, Expected
@@ -27,9 +29,11 @@ __all__ = ["AggregatorCore"]
 
 
 class AggregatorCore:
-    def __init__(self, params: dict[str, np.ndarray], server, evaluator=None, channel: Channel | None = None):
+    def __init__(self, params: dict[str, np.ndarray], server, evaluator=None, channel: Channel | None = None,
+                 defense: Defense | None = None):
         self.params = {k: np.array(v) for k, v in params.items()}
         self.server = server
+        self.defense = defense
         self.evaluator = evaluator
         self.channel = channel if channel is not None else Channel(self.params)
         self.store = ClientStateStore()
@@ -38,6 +42,7 @@ class AggregatorCore:
         self.pending: list[Entry] = []
         self.rejected = collections.Counter()
         self.applied = 0
+        self.excluded: list[int] = []  # dispatch ids left out of an aggregation that did not happen
         self._window: list[int] = []  # clients resolved since the last aggregation (async record)
         self._dropped: list[int] = []
         self.message = server.start(self.params)  # for the planner, before the first dispatch
@@ -45,9 +50,21 @@ class AggregatorCore:
     # ------------------------------------------------------------ intake
     def admit(self, header: Update, payload, expected: Expected | None = None) -> str | None:
         """Validate one update and buffer it; returns the rejection reason or None."""
+        reason, entry = self.validate(header, payload, expected)
+        if entry is not None:
+            self.buffer(entry)
+        return reason
+
+    def buffer(self, entry: Entry) -> None:
+        if entry.state is not None:
+            self.store.put(entry.client_id, entry.state)
+        self.pending.append(entry)
+
+    def validate(self, header: Update, payload, expected: Expected | None = None) -> tuple[str | None, Entry | None]:
+        """``(reason, None)`` for a rejected update, ``(None, entry)`` for a valid one (not buffered)."""
         if header.dispatch_id in self.seen:
             self.rejected["duplicate"] += 1
-            return "duplicate"
+            return "duplicate", None
         self.seen.add(header.dispatch_id)
         self._window.append(int(header.client_id))
         reason = validate.check(header, payload, self.params, expected.keys if expected is not None else None)
@@ -63,14 +80,10 @@ class AggregatorCore:
             reason = "state"
         if reason is not None:
             self.rejected[reason] += 1
-            return reason
+            return reason, None
         extras = self.channel.expand(payload, expected, lambda k: mask[k] if k in mask else
                                      np.zeros(self.params[k].shape, bool))
-        if payload.state is not None:
-            self.store.put(header.client_id, payload.state)
-        self.pending.append(Entry(header, Contribution(values, mask, float(header.num_examples)), extras,
-                                  payload.state))
-        return None
+        return None, Entry(header, Contribution(values, mask, float(header.num_examples)), extras, payload.state)
 
     # ------------------------------------------------------------ aggregation
     def aggregate(self, record: RoundRecord | None = None) -> Aggregation | None:
@@ -79,7 +92,14 @@ class AggregatorCore:
             return None
         if record is None:  # asynchronous schedules: the clients resolved since the last aggregation
             record = RoundRecord(self.version, tuple(self._window), tuple(self._dropped))
-        out = self.server.aggregate(self.params, self.pending, record)
+        entries, left_out = self.pending, []
+        if self.defense is not None:
+            entries, left_out = self.defense.combine(self.params, entries, self.version)
+            if not entries:  # too few for the rule: the model keeps its value
+                self.excluded.extend(left_out)
+                self.pending.clear()
+                return None
+        out = self.server.aggregate(self.params, entries, record)
         res = out if isinstance(out, Aggregation) else Aggregation(out)
         new = res.params
         bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not all_finite(v)]
@@ -87,8 +107,10 @@ class AggregatorCore:
             self.rejected["nonfinite_result"] += len(self.pending)
             self.pending.clear()
             return None
+        if left_out:
+            res.included = {**(res.included or {}), **{d: 0.0 for d in left_out}}
         self.params = new
-        self.applied += len(self.pending)
+        self.applied += len(entries)
         self.pending.clear()
         self._window, self._dropped = [], []
         self.version += 1
@@ -102,7 +124,7 @@ class AggregatorCore:
         when nothing could be aggregated; ``record`` is then the round's. ``dropped``:
         clients resolved without an update since the last call (asynchronous record)."""
         self._dropped.extend(int(c) for c in dropped)
-        results, staleness, messages, included = [], [], [], {}
+        results, staleness, messages, included, moves = [], [], [], {}, {}
         aggregated = False
 
         def apply():
@@ -114,10 +136,27 @@ class AggregatorCore:
                     messages.append(res.message)
                 if res.included:
                     included.update(res.included)
+            if self.excluded:  # left out of an aggregation that did not happen
+                included.update({d: 0.0 for d in self.excluded})
+                self.excluded.clear()
 
+        checked = []
         for h, p, e in items:
             staleness.append(self.version - h.base_version)
-            results.append((h.dispatch_id, self.admit(h, p, e)))
+            checked.append(self.validate(h, p, e))
+        valid = [entry for _, entry in checked if entry is not None]
+        screened = iter(self.defense.screen(self.params, valid, self.version) if self.defense is not None
+                        else [(entry, None, math.nan) for entry in valid])
+        for (h, p, e), (reason, entry) in zip(items, checked):
+            if entry is not None:
+                entry, reason, move = next(screened)
+                if math.isfinite(move):
+                    moves[h.dispatch_id] = move
+                if reason is not None:
+                    self.rejected[reason] += 1
+                else:
+                    self.buffer(entry)
+            results.append((h.dispatch_id, reason))
             if self.pending and self.server.trigger(len(self.pending)):
                 apply()
         buffered = len(self.pending)
@@ -129,6 +168,8 @@ class AggregatorCore:
             aggregated = True
         out = {"version": self.version, "aggregated": aggregated, "results": results, "staleness": staleness,
                "buffer": buffered, "rejected": dict(self.rejected)}
+        if moves:
+            out["moves"] = moves
         if messages:
             out["messages"] = messages
         if included:
@@ -162,7 +203,8 @@ class AggregatorCore:
         return {"params": self.params, "version": self.version, "seen": sorted(self.seen),
                 "pending": self.pending, "rejected": dict(self.rejected), "applied": self.applied,
                 "window": list(self._window), "dropped": list(self._dropped),
-                "server": self.server.state_dict(), "store": self.store.state_dict()}
+                "server": self.server.state_dict(), "store": self.store.state_dict(),
+                "defense": self.defense.state_dict() if self.defense is not None else None}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.params = {k: np.array(v) for k, v in state["params"].items()}
@@ -174,6 +216,8 @@ class AggregatorCore:
         self._window, self._dropped = list(state["window"]), list(state["dropped"])
         self.server.load_state_dict(state["server"])
         self.store.load_state_dict(state["store"])
+        if self.defense is not None and state.get("defense") is not None:
+            self.defense.load_state_dict(state["defense"])
 
 
 def _finite_state(state) -> bool:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fedray import seeding
+from fedray import security, seeding
+from fedray.aggregation import attacks
 from fedray.channel import Channel
 from fedray.client.trainer import _named, get_params, local_train, resolve_device
 from fedray.devices.throttle import Throttle
@@ -26,6 +27,7 @@ from fedray.methods.base import Assignment, ClientContext, LocalRun
 from fedray.models.factory import build_compact, build_model
 from fedray.models.info import ModelInfo
 from fedray.models.spec import extract, scatter
+from fedray.privacy.mechanism import LocalGaussian
 from fedray.tasks import get_task
 from fedray.update import Update
 
@@ -66,7 +68,11 @@ class ClientWorker:
         self.task = get_task(cfg.task.name, cfg.task.options)
         method = registry.get(cfg.method.name)
         self.algorithm = method.Client(ClientContext(cfg, cfg.method.name, cfg.method.params, self.info))
-        self.channel = Channel(self.info.like)
+        self.malicious = frozenset(int(c) for c in security.malicious_clients(cfg))
+        self.y_flipped = attacks.flip_labels(self.y, num_classes) if cfg.attack.kind == "label_flip" else None
+        p = cfg.privacy
+        local = p.enabled and p.mode == "local"
+        self.channel = Channel(self.info.like, [LocalGaussian(p.clip, p.noise_multiplier)] if local else [])
         self._compact: dict[tuple, torch.nn.Module] = {}  # compact models by their shapes
 
     def _train_cfg(self, a: Assignment):
@@ -87,8 +93,10 @@ class ClientWorker:
     def run_task(self, params: dict, task: Task, broadcast: dict | None = None) -> Update:
         a = task.assignment
         t0 = time.perf_counter()
+        bad = a.client_id in self.malicious
+        n = len(self.partitions[a.client_id])
         header = Update(dispatch_id=task.dispatch_id, client_id=a.client_id, base_version=task.version,
-                        num_examples=len(self.partitions[a.client_id]), kind=a.send,
+                        num_examples=int(round(n * self.cfg.attack.examples)) if bad else n, kind=a.send,
                         telemetry=dict(task.telemetry or {}))
         throttle = Throttle(task.speed) if task.speed is not None else None
         run = None
@@ -100,8 +108,9 @@ class ClientWorker:
             download = submodel_view(params, sub.download) if sub.download is not None and not sub.compact else params
             cfg = self._train_cfg(a)
             idx = self.partitions[a.client_id]
+            y = self.y_flipped if bad and self.y_flipped is not None else self.y  # label flipping
             run = LocalRun(assignment=a, submodel=sub, download=download, start={}, state=task.state, seed=seed,
-                           lr=cfg.lr, model=self.model, named=_named(self.model), data=(self.x, self.y, idx),
+                           lr=cfg.lr, model=self.model, named=_named(self.model), data=(self.x, y, idx),
                            device=self.device, loss=self.task.loss, batch_size=cfg.batch_size,
                            broadcast=broadcast or {})
             sub = run.submodel = self.algorithm.choose(run)
@@ -121,7 +130,7 @@ class ClientWorker:
                     {k for k in mask if k in self.param_names} if mask is not None else None)
             run.model, run.named = model, _named(model)
             self.algorithm.prepare(run)
-            stats = local_train(model, run.start, self.x, self.y, idx, cfg, seed=seed, trainable=trainable, mask=mask,
+            stats = local_train(model, run.start, self.x, y, idx, cfg, seed=seed, trainable=trainable, mask=mask,
                                 device=self.device, on_step=throttle.step if throttle is not None else None,
                                 loss_fn=self.task.loss, hooks=self.algorithm, run=run)
             if index is not None:
@@ -137,7 +146,9 @@ class ClientWorker:
             if task.fail == "nan":
                 k0 = next(iter(values))
                 values[k0] = np.full_like(values[k0], np.nan)
-            payload = self.channel.encode(values, send, extras)
+            info = {"download": download, "kind": a.send,  # for the channel's stages (local DP)
+                    "rng": seeding.rng(self.cfg.seed, "local_dp", task.dispatch_id)} if self.channel.stages else None
+            payload = self.channel.encode(values, send, extras, info)
             if run.new_state is not None:
                 payload = replace(payload, state=dict(run.new_state))
             return replace(header, train_loss=stats.loss, steps=stats.steps, wall_s=time.perf_counter() - t0,

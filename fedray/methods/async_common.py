@@ -88,3 +88,6 @@ class AsyncServer(Server):
     def staleness_weight(self, version: int, base_version: int) -> float:
         """``s(v - v_i)``."""
         return float(self.weight_of(version - base_version))
+
+    def update_weight(self, entry, version: int) -> float:
+        return float(entry.contribution.weight) * self.staleness_weight(version, entry.base_version)

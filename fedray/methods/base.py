@@ -320,6 +320,11 @@ class Server(_Part):
 
         return rules.weighted_mean(global_params, [e.contribution for e in entries])
 
+    def update_weight(self, entry: Entry, version: int) -> float:
+        """The weight this server gives ``entry`` in its mean when it replaces version
+        ``version`` (what the robust rules of ``defense:`` weigh by): the example count."""
+        return float(entry.contribution.weight)
+
     def broadcast(self) -> Mapping[str, np.ndarray] | None:
         """Arrays sent to every client with the model (SCAFFOLD's ``c``); a submodel declares
         them in ``receives`` so the download counts them. None: nothing."""
@@ -385,3 +390,9 @@ class Method:
     Planner: ClassVar[type] = Planner
     Server: ClassVar[type] = Server
     Client: ClassVar[type] = ClientAlgorithm
+
+    @classmethod
+    def updates_per_aggregation(cls, cfg) -> int | None:
+        """Updates one aggregation is built for (synchronous: the round's clients; None: not
+        fixed). Krum's and central DP's checks use it."""
+        return cfg.server.clients_per_round if cls.schedule == "sync" else None

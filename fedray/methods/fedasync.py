@@ -62,6 +62,10 @@ class FedAsync(Method):
     Planner = AsyncPlanner
     Server = FedAsyncServer
 
+    @classmethod
+    def updates_per_aggregation(cls, cfg) -> int:
+        return 1
+
     @dataclass(frozen=True)
     class Params(AsyncParams):
         alpha: float = _f(0.6, check=UNIT_POS, doc="mixing rate; a_s = alpha * s(staleness)")

@@ -55,6 +55,9 @@ class FedBuffServer(AsyncServer):
     def trigger(self, pending: int) -> bool:
         return pending >= self.params.buffer_size
 
+    def update_weight(self, entry, version: int) -> float:
+        return self.staleness_weight(version, entry.base_version)  # deltas are not weighted by examples
+
     def aggregate(self, global_params, entries, record):
         deltas = [rules.Contribution(e.contribution.values, e.contribution.mask,
                                      self.staleness_weight(record.version, e.base_version)) for e in entries]
@@ -75,6 +78,10 @@ class FedBuff(Method):
     schedule = "async"
     Planner = FedBuffPlanner
     Server = FedBuffServer
+
+    @classmethod
+    def updates_per_aggregation(cls, cfg) -> int:
+        return cfg.method.params.buffer_size
 
     @dataclass(frozen=True)
     class Params(AsyncParams):

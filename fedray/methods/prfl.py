@@ -275,6 +275,9 @@ class PRFLServer(Server):
         return {"dtypes": {k: str(np.asarray(v).dtype) for k, v in global_params.items()},
                 "scores": self._scores([], global_params)}
 
+    def update_weight(self, entry, version: int) -> float:
+        return float(staleness.prfl(version, entry.base_version, self.params.a)) * float(entry.contribution.weight)
+
     def aggregate(self, global_params, entries, record):
         st, version = self.state, record.version
         for e in entries:

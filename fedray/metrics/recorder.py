@@ -49,6 +49,8 @@ COLUMNS: dict[str, pa.DataType] = {
     "layers": pa.int64(),
     "layers_included": pa.float64(),
     "reason": pa.string(),
+    "malicious": pa.bool_(),
+    "update_norm": pa.float64(),
     "staleness": pa.int64(),
     "examples": pa.int64(),
     "train_loss": pa.float64(),

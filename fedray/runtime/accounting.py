@@ -14,6 +14,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from fedray import security
 from fedray.devices import cost as costs
 from fedray.runtime.dispatch import Dispatcher, Inflight, slot
 
@@ -32,6 +33,7 @@ class Totals:
     dropped: int = 0
     late: int = 0
     rejected: int = 0
+    sent: dict = dataclasses.field(default_factory=dict)  # client -> updates accepted (local DP only)
 
 
 class Accounting:
@@ -39,6 +41,8 @@ class Accounting:
         self.cfg, self.dispatcher, self.planner, self.recorder = cfg, dispatcher, planner, recorder
         self.t0 = t0
         self.totals = Totals()
+        self.malicious = frozenset(int(c) for c in security.malicious_clients(cfg))
+        self.count_sent = cfg.privacy.enabled and cfg.privacy.mode == "local"
 
     def wall(self, res: dict | None = None) -> float:
         """Wall seconds since the first dispatch: when the aggregator finished ``res`` (it stamps
@@ -57,7 +61,7 @@ class Accounting:
                "bytes_down": r.bytes_down, "bytes_up": r.bytes_up if sent else 0,
                "egress_bytes": r.egress, "train_flops": r.flops, "energy_j": r.energy_j,
                "sparse_train_flops": int(r.flops * r.sub.sparse_factor), "layers": r.sub.layers,
-               "layers_included": 0.0}
+               "layers_included": 0.0, "malicious": a.client_id in self.malicious}
         row.update(dict(a.info))
         row.update(extra)
         return row
@@ -74,6 +78,7 @@ class Accounting:
         reasons = dict(res["results"]) if res else {}
         staleness = dict(zip([d for d, _ in res["results"]], res["staleness"])) if res else {}
         included = res.get("included", {}) if res else {}
+        moves = res.get("moves", {}) if res else {}
         real = self.cfg.devices.mode == "real"
         rows = []
         for r in recs:
@@ -96,7 +101,10 @@ class Accounting:
             extra = {"layers_included": 0.0 if reason else r.sub.layers * float(included.get(r.dispatch_id, 1.0))}
             rows.append(self.row(r, "reject" if reason else "update", window=window, reason=reason,
                                  staleness=staleness.get(r.dispatch_id), examples=h.num_examples,
-                                 train_loss=h.train_loss, client_wall_s=h.wall_s, **extra))
+                                 train_loss=h.train_loss, client_wall_s=h.wall_s,
+                                 update_norm=moves.get(r.dispatch_id), **extra))
+            if self.count_sent and h.error is None:  # every update sent spends privacy, accepted or not
+                self.totals.sent[r.client_id] = self.totals.sent.get(r.client_id, 0) + 1
         if res is not None:
             for message in res.get("messages", ()):
                 self.planner.receive(message)

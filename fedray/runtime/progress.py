@@ -83,8 +83,13 @@ class Progress:
                 run.report({**metrics, "version": v, "virtual_s": t, "wall_s": wall})
         elif extra:
             rec.event(event="client_eval", round=rnd, version=v, wall_s=wall, virtual_s=t, **extra)
+        post = {primary[:3]: f"{state['score']:.3f}", "vt": f"{t:.0f}s"}
+        if run.ledger is not None:
+            state["epsilon"] = run.ledger.epsilon(v, run.accounting.totals.sent)
+            rec.scalars(v, {"privacy/epsilon": state["epsilon"]}, virtual_s=t)
+            post["eps"] = f"{state['epsilon']:.2f}"
         if self.bar is not None:
-            self.bar.set_postfix({primary[:3]: f"{state['score']:.3f}", "vt": f"{t:.0f}s"})
+            self.bar.set_postfix(post)
             self.bar.update(v - self.bar.n)
         if time.time() - self._flushed >= cfg.runtime.flush_s:
             self.flush()

@@ -21,16 +21,16 @@ import pyarrow as pa
 import ray
 
 from fedray import config as C
-from fedray import seeding
+from fedray import security, seeding
 from fedray.aggregation.actor import AggregatorActor
 from fedray.channel import Channel
 from fedray.client.actor import ClientActor, train_call
 from fedray.errors import ConfigError, Interrupted, RunStopped
-from fedray.runtime.checkpoint import AggregatorLost
 from fedray.methods import registry
 from fedray.methods.base import PlanContext
 from fedray.metrics.recorder import Recorder
 from fedray.runtime import checkpoint, cluster, summary
+from fedray.privacy.accountant import Ledger
 from fedray.runtime.accounting import Accounting, Totals
 from fedray.runtime.dispatch import Dispatcher
 from fedray.runtime.pool import ActorPool
@@ -55,7 +55,8 @@ class Runner:
         self.stopping: str | None = None  # the signal that asked the run to stop
         self.checkpoints = 0
         self.recoveries = 0  # aggregators restored from a checkpoint
-        self.final = None  # (params, stats) of the aggregator once the schedule is done
+        self.ledger = Ledger(cfg, security.expected_updates(cfg)) if cfg.privacy.enabled else None
+        self.final = None  # (params, stats) of the aggregator once the schedule is done (read in the recovery loop)
         self.version_refs: dict[int, object] = {}  # model versions that dispatches in flight started from
 
     @property
@@ -126,7 +127,7 @@ class Runner:
     def _new_aggregator(self):
         s, cfg = self.setup, self.cfg
         agg = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
-            cfg, s.params, self.test_ref, s.dataset.input_shape, s.dataset.num_classes)
+            cfg, s.params, self.test_ref, s.dataset.input_shape, s.dataset.num_classes, s.examples)
         agg.attach.remote(self.pool.actors, self.shared)  # it dispatches synchronous rounds
         return agg
 
@@ -200,12 +201,15 @@ class Runner:
         try:
             return ray.get(ref)
         except cluster.LOST as e:
-            raise AggregatorLost(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise checkpoint.AggregatorLost(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     # ------------------------------------------------------------ schedule helpers
     def out_of_time(self, t: float) -> bool:
+        """Past ``server.max_virtual_s``, or the next aggregation would pass ``server.target_epsilon``
+        (local DP: once it has)."""
         lim = self.cfg.server.max_virtual_s
-        return lim is not None and t >= lim
+        return (lim is not None and t >= lim) or (
+            self.ledger is not None and self.ledger.exhausted(self.dispatcher.version, self.accounting.totals.sent))
 
     def eval_due(self) -> bool:
         nxt = self.dispatcher.version + 1
@@ -341,7 +345,7 @@ class Runner:
                         self.final = (self.aggregator_get(self.aggregator.params.remote()),
                                       self.aggregator_get(self.aggregator.stats.remote()))
                         break
-                    except AggregatorLost as e:
+                    except checkpoint.AggregatorLost as e:
                         lost = str(e)
             finally:
                 if bar is not None:

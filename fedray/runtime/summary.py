@@ -71,6 +71,15 @@ def write(run, status: str, error: str | None) -> dict:
         summary.update({"rejected_by_reason": stats["rejected"], "model_puts": stats["puts"],
                         "model_inline": stats["inlined"], "client_state_bytes": stats["client_state_bytes"],
                         "model_sha256": model_digest(params), "placement": placement})
+    if run.ledger is not None:
+        summary.update({"epsilon": run.ledger.epsilon(state["version"], tot.sent), "delta": cfg.privacy.delta,
+                        "noise_multiplier": cfg.privacy.noise_multiplier, "privacy_mode": cfg.privacy.mode})
+        if stats is not None and cfg.privacy.adaptive:
+            summary["dp_clip"] = stats["dp_clip"]
+    if cfg.attack.kind != "none":
+        summary.update({"attack": cfg.attack.kind, "malicious_clients": len(run.accounting.malicious)})
+    if stats is not None and stats.get("excluded"):
+        summary["defense_excluded"] = stats["excluded"]
     if cfg.server.target_accuracy is not None:
         summary["target_accuracy"] = cfg.server.target_accuracy
         summary["time_to_target_s"] = state["target_s"]
