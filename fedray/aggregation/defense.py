@@ -78,11 +78,18 @@ class Defense:
         entries = [self._weighted(e) for e in entries]
         if not entries or (self.d.norm_guard is None and not self.transform):
             return [(e, None, math.nan) for e in entries]
+        if not self.transform:  # the guard alone: norms only, the updates untouched
+            norms = self._norms(params, entries)
+            keys = sorted({k for e in entries for k in e.contribution.mask.keys() if _float(params[k])})
+            rejected = self._guard(norms, params, keys)
+            self.state["norms"] = (list(self.state["norms"]) + [float(x) for x in norms[~rejected]])[
+                -self.d.norm_window:]
+            return [(None if bad else e, "norm" if bad else None, float(x)) for e, x, bad in zip(entries, norms, rejected)]
         s = self._stack(params, entries, version)
         if self.poison and self.a.kind in attacks.SELF_CONTAINED:
             s = self._craft(s, entries)
         norms = s.norms()
-        rejected = self._guard(s, norms, params)
+        rejected = self._guard(norms, params, list(s.u))
         ok = np.flatnonzero(~rejected)
         self.state["norms"] = (list(self.state["norms"]) + [float(x) for x in norms[ok]])[-self.d.norm_window:]
         if self.d.clip != "none" and len(ok):
@@ -140,6 +147,22 @@ class Defense:
         return attacks.craft(self.a.kind, s, bad, scale=self.a.scale, sigma=self.a.sigma, z=self.a.z,
                              epsilon=self.a.epsilon, rngs=rngs)
 
+    @staticmethod
+    def _norms(params, entries) -> np.ndarray:
+        """Each update's L2 move over what it covers (no stacking: the guard alone)."""
+        out = np.zeros(len(entries))
+        for i, e in enumerate(entries):
+            c = e.contribution
+            for k in c.mask.keys():
+                if not _float(params[k]):
+                    continue
+                m = np.asarray(c.mask[k])
+                v = np.asarray(c.values[k])
+                d = (v if e.update.kind == "delta" else v - params[k]).astype(np.float64, copy=False)
+                d = d.reshape(-1) if m.all() else d[m]
+                out[i] += float(d @ d)
+        return np.sqrt(out)
+
     def _stack(self, params, entries, version) -> robust.Stack:
         keys = sorted({k for e in entries for k in e.contribution.mask.keys() if _float(params[k])})
         u, cover = {}, {}
@@ -159,7 +182,7 @@ class Defense:
         w = np.array([self.server.update_weight(e, version) for e in entries], dtype=np.float64)
         return robust.Stack(u, cover, w)
 
-    def _guard(self, s: robust.Stack, norms, params) -> np.ndarray:
+    def _guard(self, norms, params, keys) -> np.ndarray:
         """Which updates the norm guard rejects: their L2 move against the median of the recent
         ones and these -- or, while fewer than 3 are known, against the norm of the model itself
         (over the keys they carry); every move is remembered."""
@@ -171,7 +194,7 @@ class Defense:
         if len(known) >= 3:
             ref = float(np.median(known))
         else:
-            ref = math.sqrt(sum(float(np.square(params[k], dtype=np.float64).sum()) for k in s.u))
+            ref = math.sqrt(sum(float(np.square(params[k], dtype=np.float64).sum()) for k in keys))
         return norms > mult * ref if ref > 0 else np.zeros(len(norms), bool)  # a zero model: no scale yet
 
     def _clip_bound(self) -> float:
