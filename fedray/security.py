@@ -105,6 +105,12 @@ def check(cfg) -> None:
                                               f"{cfg.method.name} does not fix; use privacy.mode: local")
         if p.adaptive and p.mode != "central":
             raise ConfigError("privacy.adaptive", "adaptive clipping is a central-DP mechanism")
+        if p.adaptive and n is not None:
+            sigma_b = p.count_noise if p.count_noise is not None else n / 20
+            if p.noise_multiplier >= 2 * sigma_b:
+                raise ConfigError("privacy.count_noise", f"adaptive clipping needs noise_multiplier < 2 x count_noise "
+                                                         f"= {2 * sigma_b:g} (the count's share), got "
+                                                         f"{p.noise_multiplier:g}; raise count_noise")
     if cfg.server.target_epsilon is not None and not p.enabled:
         raise ConfigError("server.target_epsilon", "needs privacy.noise_multiplier > 0")
 

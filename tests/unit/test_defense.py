@@ -237,3 +237,6 @@ def test_privacy_config_errors_name_the_field():
         cfg(**{"server.target_epsilon": 3})
     with pytest.raises(ConfigError, match="privacy.mode"):
         cfg(**{"privacy.noise_multiplier": 1.0, "method.name": "fedfix"})
+    with pytest.raises(ConfigError, match="privacy.count_noise"):  # m / 20 = 0.25 leaves nothing for z = 1
+        cfg(**{"privacy.noise_multiplier": 1.0, "privacy.adaptive": True})
+    cfg(**{"privacy.noise_multiplier": 1.0, "privacy.adaptive": True, "privacy.count_noise": 2.0})
