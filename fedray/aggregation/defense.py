@@ -158,9 +158,9 @@ class Defense:
                     continue
                 m = np.asarray(c.mask[k])
                 v = np.asarray(c.values[k])
-                d = (v if e.update.kind == "delta" else v - params[k]).astype(np.float64, copy=False)
+                d = v if e.update.kind == "delta" else v - params[k]
                 d = d.reshape(-1) if m.all() else d[m]
-                out[i] += float(d @ d)
+                out[i] += float(np.dot(d, d))  # BLAS, in the model's dtype: a threshold, not a sum
         return np.sqrt(out)
 
     def _stack(self, params, entries, version) -> robust.Stack:
