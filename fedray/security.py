@@ -13,7 +13,7 @@ from fedray.errors import ConfigError
 from fedray.params import NONNEG, POS, UNIT, _f
 
 __all__ = ["DefenseConfig", "AttackConfig", "PrivacyConfig", "RULES", "ATTACKS", "check", "malicious_clients",
-           "expected_updates"]
+           "expected_updates", "malicious_set"]
 
 RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping")
 ATTACKS = ("none", "sign_flip", "scale", "noise", "label_flip", "alie", "ipm")
@@ -70,6 +70,14 @@ class PrivacyConfig:
     def enabled(self) -> bool:
         return self.noise_multiplier > 0
 
+    @property
+    def central(self) -> bool:
+        return self.enabled and self.mode == "central"
+
+    @property
+    def local(self) -> bool:
+        return self.enabled and self.mode == "local"
+
 
 def expected_updates(cfg) -> int | None:
     """Updates per aggregation the method is built for (None: not known before the run)."""
@@ -113,6 +121,11 @@ def check(cfg) -> None:
                                                          f"{p.noise_multiplier:g}; raise count_noise")
     if cfg.server.target_epsilon is not None and not p.enabled:
         raise ConfigError("server.target_epsilon", "needs privacy.noise_multiplier > 0")
+
+
+def malicious_set(cfg) -> frozenset[int]:
+    """:func:`malicious_clients` as a set, for membership tests."""
+    return frozenset(int(c) for c in malicious_clients(cfg))
 
 
 def malicious_clients(cfg) -> np.ndarray:

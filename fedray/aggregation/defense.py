@@ -51,16 +51,20 @@ def _float(a) -> bool:
     return np.issubdtype(np.asarray(a).dtype, np.floating)
 
 
+def _keys(params, entries) -> list[str]:
+    """The floating keys some of ``entries`` cover, sorted."""
+    return sorted({k for e in entries for k in e.contribution.mask.keys() if _float(params[k])})
+
+
 class Defense:
     def __init__(self, cfg, server, examples: np.ndarray | None = None):
         self.cfg, self.server = cfg, server
         self.d, self.a, self.p = cfg.defense, cfg.attack, cfg.privacy
         self.examples = None if examples is None else np.asarray(examples, dtype=np.float64)
-        self.malicious = frozenset(int(c) for c in security.malicious_clients(cfg))
+        self.malicious = security.malicious_set(cfg)
         self.poison = self.a.kind in attacks.MODEL_POISONING and bool(self.malicious)
         self.expected = security.expected_updates(cfg)
-        self.transform = self.poison or self.d.clip != "none" or self.d.rule != "mean" or (
-            self.p.enabled and self.p.mode == "central")
+        self.transform = self.poison or self.d.clip != "none" or self.d.rule != "mean" or self.p.central
         self.state = {"seen": [], "norms": [], "center": None, "dp_clip": float(self.p.clip), "excluded": 0}
 
     # ------------------------------------------------------------ checkpoint
@@ -80,10 +84,8 @@ class Defense:
             return [(e, None, math.nan) for e in entries]
         if not self.transform:  # the guard alone: norms only, the updates untouched
             norms = self._norms(params, entries)
-            keys = sorted({k for e in entries for k in e.contribution.mask.keys() if _float(params[k])})
-            rejected = self._guard(norms, params, keys)
-            self.state["norms"] = (list(self.state["norms"]) + [float(x) for x in norms[~rejected]])[
-                -self.d.norm_window:]
+            rejected = self._guard(norms, params, _keys(params, entries))
+            self._remember("norms", norms[~rejected])
             return [(None if bad else e, "norm" if bad else None, float(x)) for e, x, bad in zip(entries, norms, rejected)]
         s = self._stack(params, entries, version)
         if self.poison and self.a.kind in attacks.SELF_CONTAINED:
@@ -91,7 +93,7 @@ class Defense:
         norms = s.norms()
         rejected = self._guard(norms, params, list(s.u))
         ok = np.flatnonzero(~rejected)
-        self.state["norms"] = (list(self.state["norms"]) + [float(x) for x in norms[ok]])[-self.d.norm_window:]
+        self._remember("norms", norms[ok])
         if self.d.clip != "none" and len(ok):
             s = s.scaled(robust.clip_factors(norms, self._clip_bound()))
         changed = self.d.clip != "none" or (self.poison and self.a.kind in attacks.SELF_CONTAINED)
@@ -112,7 +114,7 @@ class Defense:
             s = self._craft(s, entries)
             if self.d.rule == "mean" and not self.p.enabled:
                 return self._write(params, entries, s, None), []
-        if self.p.enabled and self.p.mode == "central":
+        if self.p.central:
             return self._write(params, entries, s, self._dp(s, s.norms(), version)), []
         rule = self.d.rule
         if rule == "mean":
@@ -164,9 +166,8 @@ class Defense:
         return np.sqrt(out)
 
     def _stack(self, params, entries, version) -> robust.Stack:
-        keys = sorted({k for e in entries for k in e.contribution.mask.keys() if _float(params[k])})
         u, cover = {}, {}
-        for k in keys:
+        for k in _keys(params, entries):
             size = params[k].size
             rows, covs = np.zeros((len(entries), size)), np.zeros((len(entries), size), bool)
             for i, e in enumerate(entries):
@@ -188,7 +189,7 @@ class Defense:
         (over the keys they carry); every move is remembered."""
         mult = self.d.norm_guard
         known = np.concatenate([np.asarray(self.state["seen"], dtype=np.float64), norms])
-        self.state["seen"] = (list(self.state["seen"]) + [float(x) for x in norms])[-self.d.norm_window:]
+        self._remember("seen", norms)
         if mult is None:
             return np.zeros(len(norms), bool)
         if len(known) >= 3:
@@ -196,6 +197,10 @@ class Defense:
         else:
             ref = math.sqrt(sum(float(np.square(params[k], dtype=np.float64).sum()) for k in keys))
         return norms > mult * ref if ref > 0 else np.zeros(len(norms), bool)  # a zero model: no scale yet
+
+    def _remember(self, key: str, norms) -> None:
+        """Append to one of the bounded windows of recent norms (``defense.norm_window``)."""
+        self.state[key] = (list(self.state[key]) + [float(x) for x in norms])[-self.d.norm_window:]
 
     def _clip_bound(self) -> float:
         """Fixed C, or the quantile of the recent accepted norms (these included)."""

@@ -68,11 +68,10 @@ class ClientWorker:
         self.task = get_task(cfg.task.name, cfg.task.options)
         method = registry.get(cfg.method.name)
         self.algorithm = method.Client(ClientContext(cfg, cfg.method.name, cfg.method.params, self.info))
-        self.malicious = frozenset(int(c) for c in security.malicious_clients(cfg))
+        self.malicious = security.malicious_set(cfg)
         self.y_flipped = attacks.flip_labels(self.y, num_classes) if cfg.attack.kind == "label_flip" else None
         p = cfg.privacy
-        local = p.enabled and p.mode == "local"
-        self.channel = Channel(self.info.like, [LocalGaussian(p.clip, p.noise_multiplier)] if local else [])
+        self.channel = Channel(self.info.like, [LocalGaussian(p.clip, p.noise_multiplier)] if p.local else [])
         self._compact: dict[tuple, torch.nn.Module] = {}  # compact models by their shapes
 
     def _train_cfg(self, a: Assignment):

@@ -59,8 +59,8 @@ class FedBuffServer(AsyncServer):
         return self.staleness_weight(version, entry.base_version)  # deltas are not weighted by examples
 
     def aggregate(self, global_params, entries, record):
-        deltas = [rules.Contribution(e.contribution.values, e.contribution.mask,
-                                     self.staleness_weight(record.version, e.base_version)) for e in entries]
+        deltas = [rules.Contribution(e.contribution.values, e.contribution.mask, self.update_weight(e, record.version))
+                  for e in entries]
         target = rules.apply_delta_mean(global_params, deltas, self.params.server_lr)
         beta = self.params.server_momentum
         if beta == 0.0:

@@ -32,8 +32,7 @@ class FedFixPlanner(AsyncPlanner):
 
 class FedFixServer(AsyncServer):
     def aggregate(self, global_params, entries, record):
-        weighted = [rules.Contribution(e.contribution.values, e.contribution.mask,
-                                       e.contribution.weight * self.staleness_weight(record.version, e.base_version))
+        weighted = [rules.Contribution(e.contribution.values, e.contribution.mask, self.update_weight(e, record.version))
                     for e in entries]
         target = rules.masked_mean(global_params, weighted)
         return rules.mix(global_params, target, self.params.server_mix)

@@ -41,8 +41,8 @@ class Accounting:
         self.cfg, self.dispatcher, self.planner, self.recorder = cfg, dispatcher, planner, recorder
         self.t0 = t0
         self.totals = Totals()
-        self.malicious = frozenset(int(c) for c in security.malicious_clients(cfg))
-        self.count_sent = cfg.privacy.enabled and cfg.privacy.mode == "local"
+        self.malicious = security.malicious_set(cfg)
+        self.count_sent = cfg.privacy.local
 
     def wall(self, res: dict | None = None) -> float:
         """Wall seconds since the first dispatch: when the aggregator finished ``res`` (it stamps
