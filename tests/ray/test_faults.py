@@ -130,7 +130,13 @@ def test_an_actor_lost_after_the_last_training_keeps_the_model_and_its_digest(ra
     finish = Runner._finish
 
     def lose_an_actor_then_finish(self, status, error):
-        ray.kill(self.pool.actors[0], no_restart=True)
+        a = self.pool.actors[0]
+        ray.kill(a, no_restart=True)
+        try:  # ray.kill is asynchronous: wait until the actor is gone
+            while True:
+                ray.get(a.node_id.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
         return finish(self, status, error)
 
     with monkeypatch.context() as m:
