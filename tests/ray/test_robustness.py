@@ -3,8 +3,9 @@ the clients send their update scaled by 1e6.
 
 - plain FedAvg and FedBuff with only the default norm guard stay within 10 points of the
   honest run; FedAvg with the guard switched off collapses;
-- FedAvg + trimmed mean, FedAvg + multi-Krum, FedBuff + clipping and a robust rule, and the
-  masked HeteroFL + median stay within 3 points of the honest run's final accuracy;
+- FedAvg + trimmed mean, FedAvg + multi-Krum, FedBuff + clipping and a robust rule, and the two
+  masked methods (HeteroFL + median, AutoFLIP + trimmed mean), each with the default guard, stay
+  within 3 points of the honest run's final accuracy;
 - the malicious clients are in ``metrics.parquet`` and their updates are rejected as ``norm``.
 
 (``docs/results.md`` has the same rows on the full-length runs, and the rules alone.)"""
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.ray
 ATTACK = ["attack.kind=scale", "attack.fraction=0.2", "attack.scale=1e6"]
 FEDBUFF = ["method.name=fedbuff", "method.buffer_size=10", "method.concurrency=10"]
 HETEROFL = ["method.name=heterofl"]
+AUTOFLIP = ["method.name=autoflip"]
 _HONEST: dict = {}
 
 
@@ -62,7 +64,9 @@ def test_fedavg_without_the_guard_collapses(ray_session, tmp_path):
     ("fedavg", [], ["defense.rule=multi_krum", "defense.f=1"]),  # f=2: -4.2 points (docs/results.md)
     ("fedbuff", FEDBUFF, ["defense.clip=adaptive", "defense.rule=trimmed_mean", "defense.beta=0.2"]),
     ("heterofl", HETEROFL, ["defense.rule=median"]),
-], ids=["fedavg-trimmed_mean", "fedavg-multi_krum", "fedbuff-clip-trimmed_mean", "heterofl-median"])
+    ("autoflip", AUTOFLIP, ["defense.rule=trimmed_mean", "defense.beta=0.2"]),
+], ids=["fedavg-trimmed_mean", "fedavg-multi_krum", "fedbuff-clip-trimmed_mean", "heterofl-median",
+        "autoflip-trimmed_mean"])
 def test_a_robust_rule_stays_within_3_points_of_the_honest_run(ray_session, tmp_path, tmp_path_factory, key, method,
                                                                defense):
     ref = honest(tmp_path_factory, key, method)
