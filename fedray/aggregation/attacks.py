@@ -82,4 +82,6 @@ def craft(kind: str, s: Stack, malicious: np.ndarray, *, scale: float = 10.0, si
 
 def flip_labels(y: np.ndarray, num_classes: int) -> np.ndarray:
     """Label flipping: class ``c`` becomes ``num_classes - 1 - c``."""
+    if hasattr(y, "flipped"):  # generated on demand (fedray.data.users)
+        return y.flipped(num_classes)
     return (num_classes - 1 - np.asarray(y)).astype(np.asarray(y).dtype, copy=False)

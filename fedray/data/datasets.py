@@ -54,10 +54,13 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, ...]
     writers: np.ndarray | None = None
+    partitions: Any = None  # client-major training data partitioned by the loader (lazy synthetic)
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
             x = getattr(self, f"x_{split}")
+            if not isinstance(x, np.ndarray):  # generated on demand (fedray.data.users): checked there
+                continue
             y = getattr(self, f"y_{split}")
             if not (x.dtype == np.float32 or np.issubdtype(x.dtype, np.integer)) or not x.flags.c_contiguous:
                 raise ValueError(f"{self.name}: x_{split} must be a C-contiguous float32 (or integer) array")
@@ -306,12 +309,15 @@ def _load_synthetic(root, download, seed, test_fraction, options) -> Dataset:
     ``round(test_fraction * n_k)`` (at least 1 when n_k >= 2) go to the shared
     test set (FedProx kept 10% per user; we use ``test_fraction``).
     ``writers`` is the user id of every training example. All draws come from
-    ``default_rng([seed, _PURPOSE_SYNTHETIC])``.
+    ``default_rng([seed, _PURPOSE_SYNTHETIC])``. ``lazy: true`` (for millions of users) holds
+    no examples: each user's are generated from its own generator when read
+    (:mod:`fedray.data.users`; ``test_users``, 1000, users make the test set); one client per user.
     """
     opt = _options(
         "synthetic",
         options,
-        {"alpha": 1.0, "beta": 1.0, "num_users": 30, "dim": 60, "num_classes": 10, "samples_per_user": None, "iid": False},
+        {"alpha": 1.0, "beta": 1.0, "num_users": 30, "dim": 60, "num_classes": 10, "samples_per_user": None, "iid": False,
+         "lazy": False, "test_users": 1000},
     )
     alpha = _number("data.options.alpha", opt["alpha"])
     beta = _number("data.options.beta", opt["beta"])
@@ -323,8 +329,11 @@ def _load_synthetic(root, download, seed, test_fraction, options) -> Dataset:
         spu = _positive_int("data.options.samples_per_user", spu)
         if spu < 2:
             raise ConfigError("data.options.samples_per_user", f"must be at least 2 (train + test), got {spu}")
-    if not isinstance(opt["iid"], bool):
-        raise ConfigError("data.options.iid", f"must be true or false, got {opt['iid']!r}")
+    for flag in ("iid", "lazy"):
+        if not isinstance(opt[flag], bool):
+            raise ConfigError(f"data.options.{flag}", f"must be true or false, got {opt[flag]!r}")
+    if opt["lazy"]:
+        return _lazy_synthetic(seed, test_fraction, alpha, beta, num_users, dim, num_classes, spu, opt)
     rng = np.random.default_rng([seed, _PURPOSE_SYNTHETIC])
     users = synthetic_users(
         rng, alpha=alpha, beta=beta, num_users=num_users, dim=dim, num_classes=num_classes,
@@ -350,6 +359,20 @@ def _load_synthetic(root, download, seed, test_fraction, options) -> Dataset:
         (dim,),
         np.concatenate(ws),
     )
+
+
+def _lazy_synthetic(seed, test_fraction, alpha, beta, num_users, dim, num_classes, spu, opt) -> Dataset:
+    """``lazy: true``: per-user generators, examples made when read (:mod:`fedray.data.users`);
+    one client per user (``data.num_clients`` = ``num_users``, any ``data.partition``)."""
+    from fedray.data.partition import Partitions
+    from fedray.data.users import SyntheticUsers, UserColumn
+
+    test_users = _positive_int("data.options.test_users", opt["test_users"])
+    users = SyntheticUsers(seed, alpha=alpha, beta=beta, num_users=num_users, dim=dim, num_classes=num_classes,
+                           samples_per_user=spu, iid=opt["iid"], test_fraction=test_fraction)
+    x_test, y_test = users.test_set(test_users)
+    return Dataset("synthetic", UserColumn(users, 0), UserColumn(users, 1), x_test, y_test, num_classes, (dim,),
+                   partitions=Partitions(users.offsets))
 
 
 # ---------------------------------------------------------------- CIFAR

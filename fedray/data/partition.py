@@ -1,7 +1,8 @@
 """Split a training set across clients: index arrays, seeded, cached as Parquet.
 
-A partition is ``list[np.ndarray]``: one sorted ``int64`` array of training
-example indices per client (client id = list position). Partitions are
+:func:`partition` returns ``list[np.ndarray]``: one sorted ``int64`` array of training
+example indices per client (client id = list position); a run holds it as
+:class:`Partitions` (one index array and per-client offsets, CSR). Partitions are
 disjoint. ``iid``, ``dirichlet`` and ``shards`` cover every index; ``natural``
 covers every example whose writer is assigned (all of them).
 
@@ -18,6 +19,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,47 @@ KINDS = ("iid", "dirichlet", "shards", "natural")
 
 _PURPOSE = {"iid": 0x11D, "dirichlet": 0xD1C, "shards": 0x5A4D, "natural": 0x4A7}
 _MAX_DIRICHLET_ATTEMPTS = 1000
+
+
+class Partitions(Sequence):
+    """A partition as one index array and offsets: client ``c`` holds
+    ``index[offsets[c]:offsets[c + 1]]`` (``index=None``: the examples ``offsets[c]`` up to
+    ``offsets[c + 1]``, for data stored client-major). Sixteen bytes per client plus eight per
+    example, instead of an array object per client."""
+
+    def __init__(self, offsets: np.ndarray, index: np.ndarray | None = None):
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+
+    @classmethod
+    def from_list(cls, parts) -> "Partitions":
+        if isinstance(parts, Partitions):
+            return parts
+        sizes = np.fromiter((len(p) for p in parts), np.int64, len(parts))
+        index = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if len(parts) else np.empty(0, np.int64)
+        return cls(np.concatenate([[0], np.cumsum(sizes)]), index)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, c):
+        if isinstance(c, slice):
+            return [self[i] for i in range(*c.indices(len(self)))]
+        c = int(c)
+        if c < 0:
+            c += len(self)
+        if not 0 <= c < len(self):
+            raise IndexError(f"client {c} out of range ({len(self)} clients)")
+        a, b = int(self.offsets[c]), int(self.offsets[c + 1])
+        return np.arange(a, b, dtype=np.int64) if self.index is None else self.index[a:b]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Examples per client (computed once)."""
+        if getattr(self, "_sizes", None) is None:
+            self._sizes = np.diff(self.offsets)
+            self._sizes.setflags(write=False)
+        return self._sizes
 
 
 def partition(
@@ -223,7 +266,7 @@ def cache_path(cache_dir: str, key: dict) -> str:
     return os.path.join(cache_dir, f"partition-{cache_key_hash(key)}.parquet")
 
 
-def cached_partition(cache_dir: str, key: dict, compute: Callable[[], list[np.ndarray]]) -> list[np.ndarray]:
+def cached_partition(cache_dir: str, key: dict, compute: Callable[[], list[np.ndarray]]) -> Partitions:
     """Return the partition stored for ``key`` in ``cache_dir``, computing and storing it if absent.
 
     ``key`` should hold everything the partition depends on (data set name
@@ -260,10 +303,10 @@ def cached_partition(cache_dir: str, key: dict, compute: Callable[[], list[np.nd
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return parts
+    return Partitions.from_list(parts)
 
 
-def _read_cache(path: str, key_json: str) -> list[np.ndarray]:
+def _read_cache(path: str, key_json: str) -> Partitions:
     try:
         table = pq.read_table(path)
         meta = table.schema.metadata or {}
@@ -278,5 +321,4 @@ def _read_cache(path: str, key_json: str) -> list[np.ndarray]:
     if client.size and (client.min() < 0 or client.max() >= num_clients):
         raise DataError(f"data.cache_dir: partition cache '{path}' has client ids outside [0, {num_clients}); delete it")
     order = np.lexsort((index, client))
-    client, index = client[order], index[order]
-    return [a.copy() for a in np.split(index, np.cumsum(np.bincount(client, minlength=num_clients))[:-1])]
+    return Partitions(np.concatenate([[0], np.cumsum(np.bincount(client, minlength=num_clients))]), index[order])

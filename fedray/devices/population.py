@@ -41,6 +41,6 @@ def profiles(cfg):
     """The run's device profiles: one per client, drawn from ``devices`` with the run's seed.
     The loop and every method that plans by device (HeteroFL, CA-HFP) use this one draw."""
     from fedray import seeding
-    from fedray.devices.profile import build_population
+    from fedray.devices.columns import build_population
 
     return build_population(cfg.data.num_clients, population(cfg.devices), seeding.derive(cfg.seed, "devices"))

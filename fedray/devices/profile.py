@@ -16,10 +16,10 @@ Conventions
 - Every random draw comes from ``np.random.default_rng([seed, PURPOSE, ...])``; the purpose
   constants below are distinct from those in ``cost.py``.
 
-Populations (``build_population``): tier counts are exact, ``round(fraction * n)`` each with the
+Populations (:func:`fedray.devices.columns.build_population`): tier counts are exact, ``round(fraction * n)`` each with the
 rounding remainder going to the largest tier; which client gets which tier is a seeded
-permutation; each client's own draws (speed, link means, battery level) come from a generator
-keyed by its client id.
+permutation; each client's own draws (speed, link means, battery level) are its row of one
+seeded stream, read on demand (:mod:`fedray.devices.columns`).
 """
 from __future__ import annotations
 
@@ -29,11 +29,9 @@ from typing import Literal
 
 import numpy as np
 
-from fedray.devices.traces import DeviceTrace, read_traces
+from fedray.devices.traces import DeviceTrace
 from fedray.errors import ConfigError
 
-PURPOSE_TIERS = 0xDE01
-PURPOSE_PROFILE = 0xDE02
 
 SLOW_SPEED = 0.8
 DEFAULT_REFERENCE_FLOPS = 2e9
@@ -240,78 +238,5 @@ def tier_counts(num_clients: int, fractions: tuple[float, ...] | list[float]) ->
     return counts
 
 
-def assign_tiers(num_clients: int, tiers: tuple[TierSpec, ...], seed: int) -> list[int]:
-    """Tier index per client: exact counts (``tier_counts``), seeded permutation."""
-    counts = tier_counts(num_clients, [t.fraction for t in tiers])
-    labels = np.repeat(np.arange(len(tiers)), counts)
-    rng = np.random.default_rng([seed, PURPOSE_TIERS])
-    return [int(x) for x in rng.permutation(labels)]
-
-
 def _lerp(rng: tuple[float, float], u: float) -> float:
     return float(rng[0] + u * (rng[1] - rng[0]))
-
-
-def build_population(num_clients: int, spec: PopulationSpec, seed: int) -> list[DeviceProfile]:
-    """``num_clients`` profiles (client ids ``0..n-1``) drawn from ``spec``, deterministic by ``seed``."""
-    if int(num_clients) != num_clients or num_clients <= 0:
-        raise ConfigError("num_clients", f"must be a positive integer, got {num_clients!r}")
-    if int(seed) != seed or seed < 0:
-        raise ConfigError("seed", f"must be a non-negative integer, got {seed!r}")
-    n = int(num_clients)
-    tier_of = assign_tiers(n, spec.tiers, seed)
-    traces = read_traces(spec.trace_path) if spec.trace_path is not None else None
-    trace_ids = sorted(traces) if traces is not None else []
-    linear = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
-    bw_sigma = spec.bw_sigma if spec.link == "lognormal" else 0.0
-
-    profiles = []
-    for cid in range(n):
-        tier = spec.tiers[tier_of[cid]]
-        u = np.random.default_rng([seed, PURPOSE_PROFILE, cid]).random(5)
-        speed = _lerp(tier.speed_range, u[0])
-        if spec.link_means == "tier":
-            down, up = _lerp(tier.download_bps_range, u[1]), _lerp(tier.upload_bps_range, u[2])
-        elif spec.link_means == "linear":
-            down, up = _lerp(spec.download_bps_range, linear[cid]), _lerp(spec.upload_bps_range, linear[cid])
-        else:
-            down, up = _lerp(spec.download_bps_range, u[1]), _lerp(spec.upload_bps_range, u[2])
-        battery_level = _lerp(tier.battery_level_range, u[3])
-        cpu_load = spec.cpu_load
-        trace = None
-        if traces is not None:
-            trace = traces[trace_ids[cid % len(trace_ids)]]
-            if trace.speed is not None:
-                speed = trace.speed
-            down, up = float(trace.download_bps.mean()), float(trace.upload_bps.mean())
-            cpu_load = float(trace.cpu_load.mean())
-            if trace.battery_level is not None:
-                battery_level = float(trace.battery_level[0])
-        profiles.append(
-            DeviceProfile(
-                client_id=cid,
-                tier=tier.name,
-                speed=speed,
-                flops_per_s=speed * spec.reference_flops,
-                memory_mb=tier.memory_mb,
-                download_bps=down,
-                upload_bps=up,
-                latency_s=tier.latency_s,
-                compute_power_w=tier.compute_power_w,
-                radio_power_w=tier.radio_power_w,
-                battery_j=tier.battery_j,
-                battery_level=battery_level,
-                recharge_w=tier.recharge_w,
-                resources=dict(tier.resources),
-                num_cpus=tier.num_cpus,
-                num_gpus=tier.num_gpus,
-                cpu_load=cpu_load,
-                load_sigma=spec.load_sigma,
-                bw_sigma=bw_sigma,
-                availability=spec.availability,
-                availability_cycle_s=spec.availability_cycle_s,
-                dropout_prob=spec.dropout_prob,
-                trace=trace,
-            )
-        )
-    return profiles

@@ -148,7 +148,7 @@ class PlanContext:
     params: Any  # the method's Params
     model: "ModelInfo"
     channel: "Channel"
-    profiles: list  # device profile per client
+    profiles: Any  # the run's Population (fedray.devices.columns): pop[c] is client c's profile
     examples: np.ndarray  # training examples per client
 
     @property
@@ -263,8 +263,10 @@ class _Part:
 class Planner(_Part):
     """Driver side: uniform selection, the whole model for everyone."""
 
-    def select(self, rng: np.random.Generator, candidates: np.ndarray, k: int) -> np.ndarray:
-        """Pick ``k`` of the available ``candidates`` (uniform, without replacement)."""
+    def select(self, rng: np.random.Generator, candidates, k: int) -> np.ndarray:
+        """``k`` of the available ``candidates``, uniform, sorted (:class:`~fedray.runtime.dispatch.Candidates`)."""
+        if hasattr(candidates, "sample"):
+            return candidates.sample(rng, k)
         k = min(k, len(candidates))
         return np.sort(rng.choice(candidates, size=k, replace=False)) if k else np.empty(0, dtype=np.int64)
 

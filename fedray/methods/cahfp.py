@@ -76,9 +76,9 @@ class CAHFPPlanner(Planner):
         super().__init__(ctx)
         p = self.params
         if p.tier_ratios is not None:
-            self.ratio = [float(r) for r in tier_ratios(ctx.profiles, p.tier_ratios)]
+            self.ratio = tier_ratios(ctx.profiles, p.tier_ratios).tolist()
         else:
-            self.ratio = [float(r) for r in speed_ratios([pr.speed for pr in ctx.profiles], p.ratios)]
+            self.ratio = speed_ratios(ctx.profiles.column("speed"), p.ratios).tolist()
         spec = ctx.spec
         self._widths = {r: {layer: len(v) for layer, v in width_keep(spec, r).items()}
                         for r in sorted(set(self.ratio)) if r < 1.0}

@@ -85,15 +85,16 @@ def speed_ratios(speeds, ratios, proportions=None) -> np.ndarray:
     return out
 
 
-def tier_ratios(profiles, mapping, field: str = "method.tier_ratios") -> np.ndarray:
-    """Ratio per client from ``{tier name: ratio}``; every tier of the population needs one."""
+def tier_ratios(population, mapping, field: str = "method.tier_ratios") -> np.ndarray:
+    """Ratio per client from ``{tier name: ratio}`` (``population``: a
+    :class:`~fedray.devices.columns.Population`); every tier with clients needs one."""
     for tier, r in mapping.items():
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
             raise ConfigError(f"{field}.{tier}", f"must be a ratio in (0, 1], got {r!r}")
-    missing = sorted({q.tier for q in profiles} - set(mapping))
+    missing = sorted(set(population.tiers_present()) - set(mapping))
     if missing:
         raise ConfigError(field, f"no ratio for device tier(s) {', '.join(missing)}")
-    return np.array([float(mapping[q.tier]) for q in profiles])
+    return np.array([float(mapping.get(t, 1.0)) for t in population.tier_names])[population.tier_index]
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class HeteroFLPlanner(Planner):
         super().__init__(ctx)
         p = self.params
         if p.assign == "speed":
-            self.ratio_of = speed_ratios([q.speed for q in ctx.profiles], p.ratios, p.proportions)
+            self.ratio_of = speed_ratios(ctx.profiles.column("speed"), p.ratios, p.proportions)
         else:
             self.ratio_of = tier_ratios(ctx.profiles, p.tier_ratios)
         self._slices: dict[float, Submodel] = {}

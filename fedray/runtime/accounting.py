@@ -82,7 +82,7 @@ class Accounting:
         real = self.cfg.devices.mode == "real"
         rows = []
         for r in recs:
-            self.dispatcher.busy[r.client_id] = False
+            self.dispatcher.release(r.client_id)
             if r.outcome != "update":
                 rows.append(self.row(r, r.outcome, window=window))
                 continue

@@ -74,9 +74,7 @@ def actor_specs(cfg, profiles) -> list[tuple[object, dict]]:
     n = ca.max if ca is not None else cfg.cluster.num_client_actors
     if not cfg.devices.actor_per_tier:
         return [(None, actor_options(cfg.cluster.client_actor))] * n
-    tiers: dict[str, DeviceProfile] = {}
-    for p in profiles:
-        tiers.setdefault(p.tier, p)
+    tiers: dict[str, DeviceProfile] = profiles.first_of_tier()
     per = max(1, n // len(tiers))
     specs = []
     for name, p in tiers.items():

@@ -19,7 +19,7 @@ from fedray.client.worker import Task
 from fedray.devices import cost as costs
 from fedray.runtime import cluster
 
-__all__ = ["Inflight", "Dispatcher", "examples_processed"]
+__all__ = ["Candidates", "Inflight", "Dispatcher", "examples_processed"]
 
 
 def examples_processed(n: int, batch_size: int, epochs: int, steps: int | None) -> int:
@@ -76,46 +76,79 @@ class Dispatcher:
         self.link = costs.ServerLink() if cfg.devices.shared_server_bps is not None else None
         self._costs: dict[int, tuple] = {}  # id(submodel) -> (submodel, cost, expected)
         self._sent: set = set()  # (version, piece) already sent (shared download pieces), this version only
-        n = cfg.data.num_clients
-        self.battery = np.array([p.battery_level for p in self.profiles], dtype=np.float64)
-        self.battery_t = np.zeros(n)
-        self.busy = np.zeros(n, dtype=bool)
-        self.slow = np.array([costs.is_slow(p) for p in self.profiles])
-        # mains-powered, always online, no trace: nothing to check per round
-        self.always_on = np.array([p.trace is None and not p.windows and p.availability >= 1.0
-                                   and math.isinf(p.battery_j) for p in self.profiles], dtype=bool)
+        self.busy = np.zeros(len(self.profiles), dtype=bool)  # one byte per registered client
+        self._busy: set[int] = set()
+        self._busy_sorted: np.ndarray | None = np.empty(0, np.int64)
+        self._battery: dict[int, tuple[float, float]] = {}  # (level, as of time) of battery devices touched
+        on = self.profiles.always_on()  # per tier: mains powered, always online, no trace
+        self._on_tier = on
+        self.all_on = bool(on.all())
+
+    @property
+    def slow(self) -> np.ndarray:
+        return self.profiles.slow
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        return {"next_dispatch": self.next_dispatch, "version": self.version, "battery": self.battery.copy(),
-                "battery_t": self.battery_t.copy(), "busy": self.busy.copy(), "sent": set(self._sent),
+        return {"next_dispatch": self.next_dispatch, "version": self.version, "battery": dict(self._battery),
+                "busy": sorted(self._busy), "sent": set(self._sent),
                 "link": None if self.link is None else (list(self.link.down), list(self.link.up))}
 
     def load_state_dict(self, state) -> None:
         self.next_dispatch, self.version = int(state["next_dispatch"]), int(state["version"])
-        self.battery, self.battery_t, self.busy = state["battery"].copy(), state["battery_t"].copy(), state["busy"].copy()
+        self._battery = dict(state["battery"])
+        self.busy[:] = False
+        self._busy = set()
+        for c in state["busy"]:
+            self._set_busy(int(c), True)
         self._sent = set(state["sent"])
         if self.link is not None and state["link"] is not None:
             self.link.down, self.link.up = list(state["link"][0]), list(state["link"][1])
 
     # ------------------------------------------------------------ devices
-    def _charge(self, c: int, t: float) -> None:
-        """Recharge an idle device up to time ``t``."""
-        p = self.profiles[c]
-        if t > self.battery_t[c] and not math.isinf(p.battery_j):
-            self.battery[c] = costs.recharge(self.battery[c], t - self.battery_t[c], p.recharge_w, p.battery_j)
-        self.battery_t[c] = max(self.battery_t[c], t)
+    def _set_busy(self, c: int, busy: bool) -> None:
+        self.busy[c] = busy
+        (self._busy.add if busy else self._busy.discard)(c)
+        self._busy_sorted = None
 
-    def available(self, t: float) -> np.ndarray:
-        """Clients that are idle, online and charged at virtual time ``t``."""
-        idle = np.flatnonzero(~self.busy)
-        low = self.cfg.devices.low_battery
-        out = []
-        for c in idle[~self.always_on[idle]]:  # the others are available whenever idle
-            self._charge(c, t)
-            if costs.available(self.profiles[c], t, self.battery[c], seed=self.cfg.seed, low=low):
-                out.append(c)
-        return np.union1d(idle[self.always_on[idle]], np.array(out, dtype=np.int64)).astype(np.int64)
+    def release(self, c: int) -> None:
+        """Client ``c``'s dispatch ended: it is idle again."""
+        self._set_busy(int(c), False)
+
+    def battery(self, c: int) -> float:
+        """Client ``c``'s battery level as last charged or drained."""
+        hit = self._battery.get(c)
+        return hit[0] if hit is not None else self.profiles[c].battery_level
+
+    def _charge(self, c: int, t: float) -> float:
+        """Recharge an idle battery device up to time ``t``; its level."""
+        p = self.profiles[c]
+        if math.isinf(p.battery_j):
+            return p.battery_level
+        level, since = self._battery.get(c, (p.battery_level, 0.0))
+        if t > since:
+            level = costs.recharge(level, t - since, p.recharge_w, p.battery_j)
+        self._battery[c] = (level, max(since, t))
+        return level
+
+    def ready(self, c: int, t: float) -> bool:
+        """May idle client ``c`` be selected at ``t`` (online and charged)?"""
+        if self._on_tier[self.profiles.tier_index[c]]:
+            return True
+        level = self._charge(c, t)
+        return costs.available(self.profiles[c], t, level, seed=self.cfg.seed, low=self.cfg.devices.low_battery)
+
+    def available(self, t: float) -> "Candidates":
+        """The clients that are idle, online and charged at virtual time ``t`` (sampled lazily)."""
+        return Candidates(self, t)
+
+    def idle_ids(self, positions: np.ndarray) -> np.ndarray:
+        """The ids of the idle clients at ``positions`` in the sorted list of idle clients."""
+        if self._busy_sorted is None:
+            self._busy_sorted = np.array(sorted(self._busy), dtype=np.int64)
+        b = self._busy_sorted
+        pos = np.asarray(positions, dtype=np.int64)
+        return pos + np.searchsorted(b - np.arange(len(b)), pos, side="right")
 
     # ------------------------------------------------------------ costs
     def cost_of(self, submodel):
@@ -153,7 +186,7 @@ class Dispatcher:
                                            concurrent_up=n_up)
             tele = {"round_s": cst.total_s, "compute_s": cst.compute_s, "comm_s": cst.download_s + cst.upload_s,
                     "cpu_load": cst.cpu_load, "download_bps": cst.download_bps, "upload_bps": cst.upload_bps,
-                    "battery": float(self.battery[c]), "speed": prof.speed}
+                    "battery": float(self.battery(c)), "speed": prof.speed}
             task = Task(did, self.version, a, telemetry=tele, speed=prof.speed if cfg.devices.mode == "real" else None)
             if self._sent and next(iter(self._sent))[0] != self.version:  # pieces of older versions: done
                 self._sent.clear()
@@ -203,16 +236,15 @@ class Dispatcher:
         """The devices of ``recs`` are busy until their ends and spend their energy."""
         for r in recs:
             c = r.client_id
-            self.busy[c] = True
+            self._set_busy(c, True)
             p = self.profiles[c]
-            self._charge(c, t)
-            self.battery[c] = costs.drain(self.battery[c], r.energy_j, p.battery_j)
-            self.battery_t[c] = r.t_end
+            if not math.isinf(p.battery_j):
+                self._battery[c] = (costs.drain(self._charge(c, t), r.energy_j, p.battery_j), r.t_end)
 
     # ------------------------------------------------------------ routing
     def actor_of(self, r: Inflight) -> int:
         """The client actor a record is routed to (a ready one of its client's pool, by dispatch id)."""
-        return self.pool.route(self.pool.key_of(self.profiles[r.client_id].tier), r.dispatch_id)
+        return self.pool.route(self.pool.key_of(self.profiles.tier_of(r.client_id)), r.dispatch_id)
 
     def groups(self, recs: list[Inflight]) -> list[tuple[int, list[Inflight]]]:
         """One call per client actor for the update tasks routed to it (by the client's tier
@@ -250,3 +282,61 @@ class Dispatcher:
 def slot(headers, i: int):
     """The header at ``i`` of one call's header list, or the exception that lost the call."""
     return headers if isinstance(headers, Exception) else headers[i]
+
+
+class Candidates:
+    """The clients a planner may select at virtual time ``t``: idle, online and charged.
+
+    :meth:`sample` draws ``k`` of them uniformly without replacement in O(k) (expected, for a
+    population that is mostly available), never walking the registered clients:
+
+    - every tier always on (mains powered, always online, no trace): ``k`` positions among the
+      idle clients by ``rng.choice(idle, k, replace=False)``, mapped to ids past the busy ones
+      -- the very draws of a selection from the materialised list;
+    - otherwise idle clients in a uniformly random order (positions drawn one by one, without
+      replacement), each checked (availability process, trace, battery) when drawn, until
+      ``k`` passed: a uniform ``k``-subset of the available ones. Past half of the idle clients
+      drawn, the rest are permuted at once.
+
+    ``np.asarray(candidates)`` is the sorted array of every available client (O(clients)), for
+    a planner that wants them all.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, t: float):
+        self.d, self.t = dispatcher, t
+        self.idle = len(dispatcher.busy) - len(dispatcher._busy)
+
+    def sample(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        d, m = self.d, self.idle
+        k = min(int(k), m)
+        if k <= 0:
+            return np.empty(0, dtype=np.int64)
+        if d.all_on:
+            return np.sort(d.idle_ids(rng.choice(m, size=k, replace=False)))
+        chosen: list[int] = []
+        seen: set[int] = set()
+        while len(chosen) < k and len(seen) < m:
+            if 2 * len(seen) > m:  # mostly drawn: permute the rest at once
+                rest = np.setdiff1d(np.arange(m), np.fromiter(seen, np.int64, len(seen)), assume_unique=True)
+                for c in d.idle_ids(rng.permutation(rest)):
+                    if len(chosen) == k:
+                        break
+                    if d.ready(int(c), self.t):
+                        chosen.append(int(c))
+                break
+            p = int(rng.integers(m))
+            if p in seen:
+                continue
+            seen.add(p)
+            c = int(d.idle_ids(np.array([p]))[0])
+            if d.ready(c, self.t):
+                chosen.append(c)
+        return np.sort(np.array(chosen, dtype=np.int64))
+
+    def __array__(self, dtype=None, copy=None):
+        idle = self.d.idle_ids(np.arange(self.idle))
+        out = idle if self.d.all_on else np.array([c for c in idle if self.d.ready(int(c), self.t)], dtype=np.int64)
+        return out.astype(dtype) if dtype is not None else out
+
+    def __len__(self) -> int:
+        return self.idle if self.d.all_on else len(np.asarray(self))

@@ -115,11 +115,10 @@ class SyncScheduler:
         while d.version < cfg.server.rounds and not run.out_of_time(t) and not run.planner.finished():
             if run.stopping:
                 break
-            cand = d.available(t)
-            if len(cand) == 0:
+            sel = run.planner.select(seeding.rng(cfg.seed, "select", r), d.available(t), cfg.server.clients_per_round)
+            if len(sel) == 0:  # nobody available: wait
                 t += _wake_s(cfg)
                 continue
-            sel = run.planner.select(seeding.rng(cfg.seed, "select", r), cand, cfg.server.clients_per_round)
             recs = d.launch(sel, t, r)
             limit = d.apply_deadline(recs, t, run.planner.deadline)
             d.occupy(recs, t)
@@ -129,7 +128,7 @@ class SyncScheduler:
             planned.append((recs, (run.eval_due(), record, run.client_eval_due(d.version + 1)), r))
             d.version += 1
             for x in recs:  # every client of a synchronous round is done when the round ends
-                d.busy[x.client_id] = False
+                d.release(x.client_id)
             r += 1
             due = run.checkpoint_due(d.version)
             if len(planned) >= per_call or due:
@@ -189,13 +188,12 @@ class AsyncScheduler:
             need = conc - self.inflight
             if need <= 0:
                 return
-            cand = d.available(now)
-            if len(cand) == 0:
+            sel = planner.select(seeding.rng(cfg.seed, "select", self.draws), d.available(now), need)
+            if len(sel) == 0:  # nobody available: wake later
                 if not self.waking:
                     heapq.heappush(heap, (now + _wake_s(cfg), -2, "wake", None))
                     self.waking = True
                 return
-            sel = planner.select(seeding.rng(cfg.seed, "select", self.draws), cand, need)
             self.draws += 1
             recs = d.launch(sel, now, d.version)
             d.occupy(recs, now)

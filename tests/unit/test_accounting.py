@@ -112,6 +112,9 @@ class _Dispatcher:
         self.slow = np.array([False])
         self.busy = np.array([True])
 
+    def release(self, c):
+        self.busy[c] = False
+
 
 def test_real_mode_planner_observes_the_measured_round_time():
     """Regression: in ``devices.mode: real`` adaptive methods observed the *predicted* round time
