@@ -40,6 +40,13 @@ class ClientActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def device(self) -> str:
+        """The device this actor trains on (``runtime.device`` resolved where it runs: ``auto``
+        is ``cuda`` only when Ray gave the actor a GPU, ``cluster.client_actor.num_gpus`` > 0)."""
+        from fedray.client.trainer import resolve_device
+
+        return str(resolve_device(self.args[0].runtime.device))
+
     def node_id(self) -> str:
         """The Ray node this actor runs on (placement checks)."""
         return ray.get_runtime_context().get_node_id()

@@ -7,6 +7,12 @@ task (loss), the method's client algorithm and the channel. For every task it bu
 submodel and prepare, trains (:func:`fedray.client.trainer.local_train`), lets it finalize
 (extra arrays, new client state) and encodes the update through the channel. It knows no
 method by name.
+
+With ``train.vectorise`` > 1 (synchronous schedules, simulated devices) the tasks of a call
+that belong to one dispatch group and can train together -- the same module and trainable
+set, the same settings, no per-step hooks, no hooks registered by ``prepare``, no dropout --
+are trained at once (:mod:`fedray.client.vectorised`); each is prepared and finalized as it
+would be alone.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import torch
 from fedray import security, seeding
 from fedray.aggregation import attacks
 from fedray.channel import Channel
-from fedray.client.trainer import _named, get_params, local_train, resolve_device
+from fedray.client.trainer import _named, _state, get_params, local_train, resolve_device
+from fedray.client.vectorised import Job, group_size, load_tensors, per_example_loss, train_group
 from fedray.devices.throttle import Throttle
 from fedray.methods import registry
 from fedray.methods.base import Assignment, ClientContext, LocalRun
@@ -73,6 +80,12 @@ class ClientWorker:
         p = cfg.privacy
         self.channel = Channel(self.info.like, [LocalGaussian(p.clip, p.noise_multiplier)] if p.local else [])
         self._compact: dict[tuple, torch.nn.Module] = {}  # compact models by their shapes
+        self.group = group_size(cfg)  # dispatches that may train together (train.vectorise)
+        self._hooked = self.algorithm.overrides("after_backward") or self.algorithm.overrides("end_epoch")
+        self._reads_model = self.algorithm.overrides("finalize")  # may read the trained model
+        self._per_example = per_example_loss(self.task)  # losses per example (None: not a known mean)
+        self._stochastic: set = set()  # models vmap cannot train (dropout)
+        self.together = 0  # tasks trained in groups so far
 
     def _train_cfg(self, a: Assignment):
         cfg = self.cfg.train
@@ -89,7 +102,14 @@ class ClientWorker:
                                                self.cfg.model.options, spec, keep)
         return self._compact[key]
 
+    # ------------------------------------------------------------ one task
     def run_task(self, params: dict, task: Task, broadcast: dict | None = None) -> Update:
+        p = self._begin(params, task, broadcast)
+        return p if isinstance(p, Update) else self._train_one(p)
+
+    def _begin(self, params: dict, task: Task, broadcast: dict | None) -> "_Local | Update":
+        """Everything before training: the header, the submodel the algorithm chooses, the
+        model and start it trains, its ``prepare`` (an application error: the error update)."""
         a = task.assignment
         t0 = time.perf_counter()
         bad = a.client_id in self.malicious
@@ -97,49 +117,75 @@ class ClientWorker:
         header = Update(dispatch_id=task.dispatch_id, client_id=a.client_id, base_version=task.version,
                         num_examples=int(round(n * self.cfg.attack.examples)) if bad else n, kind=a.send,
                         telemetry=dict(task.telemetry or {}))
-        throttle = Throttle(task.speed) if task.speed is not None else None
-        run = None
+        p = _Local(task, header, t0)
         try:
             if task.fail == "raise":
                 raise RuntimeError("injected client failure")
-            seed = seeding.derive(self.cfg.seed, "train", task.dispatch_id)
+            p.seed = seeding.derive(self.cfg.seed, "train", task.dispatch_id)
             sub = a.submodel
-            download = submodel_view(params, sub.download) if sub.download is not None and not sub.compact else params
-            cfg = self._train_cfg(a)
-            idx = self.partitions[a.client_id]
-            y = self.y_flipped if bad and self.y_flipped is not None else self.y  # label flipping
-            run = LocalRun(assignment=a, submodel=sub, download=download, start={}, state=task.state, seed=seed,
-                           lr=cfg.lr, model=self.model, named=_named(self.model), data=(self.x, y, idx),
-                           device=self.device, loss=self.task.loss, batch_size=cfg.batch_size,
-                           broadcast=broadcast or {})
+            p.download = submodel_view(params, sub.download) if sub.download is not None and not sub.compact else params
+            p.cfg = cfg = self._train_cfg(a)
+            p.idx = self.partitions[a.client_id]
+            p.y = self.y_flipped if bad and self.y_flipped is not None else self.y  # label flipping
+            p.run = run = LocalRun(assignment=a, submodel=sub, download=p.download, start={}, state=task.state,
+                                   seed=p.seed, lr=cfg.lr, model=self.model, named=_named(self.model),
+                                   data=(self.x, p.y, p.idx), device=self.device, loss=self.task.loss,
+                                   batch_size=cfg.batch_size, broadcast=broadcast or {})
             sub = run.submodel = self.algorithm.choose(run)
             if sub.widths is not None:
                 raise ValueError("the client algorithm's choose() must pick the channels of a widths submodel")
-            index = None
             if sub.keep is not None:  # a physically smaller model, reconstructed into the global index space
-                index = self.info.spec_for(self.cfg.method.name).slice_index(sub.keep)
-                model = self._compact_model(sub.keep)
-                run.start = extract(params, index)
-                trainable, mask = None, None
+                p.index = self.info.spec_for(self.cfg.method.name).slice_index(sub.keep)
+                p.model = self._compact_model(sub.keep)
+                run.start = extract(params, p.index)
             else:
-                model = self.model
-                run.start = dict(download)
-                mask = sub.mask
-                trainable = set(sub.trainable) if sub.trainable is not None else (
-                    {k for k in mask if k in self.param_names} if mask is not None else None)
-            run.model, run.named = model, _named(model)
+                p.model = self.model
+                run.start = dict(p.download)
+                p.mask = sub.mask
+                p.trainable = set(sub.trainable) if sub.trainable is not None else (
+                    {k for k in p.mask if k in self.param_names} if p.mask is not None else None)
+            run.model, run.named = p.model, _named(p.model)
             self.algorithm.prepare(run)
-            stats = local_train(model, run.start, self.x, y, idx, cfg, seed=seed, trainable=trainable, mask=mask,
-                                device=self.device, on_step=throttle.step if throttle is not None else None,
-                                loss_fn=self.task.loss, hooks=self.algorithm, run=run)
-            if index is not None:
-                values, send = scatter(get_params(model), index, params)
-            else:
-                send = mask
-                values = get_params(model, list(send.keys()) if send is not None else None)
-            extras = self.algorithm.finalize(run)
+            p.params = params
+            p.spent = time.perf_counter() - t0
+            return p
+        except Exception as e:
+            return self._failed(p, e)
+
+    def _train_one(self, p: "_Local") -> Update:
+        t0 = time.perf_counter()
+        try:
+            throttle = Throttle(p.task.speed) if p.task.speed is not None else None
+            step = throttle.step if throttle is not None else None
+            stats = local_train(p.model, p.run.start, self.x, p.y, p.idx, p.cfg, seed=p.seed, trainable=p.trainable,
+                                mask=p.mask, device=self.device, on_step=step, loss_fn=self.task.loss,
+                                hooks=self.algorithm, run=p.run)
             if throttle is not None:
                 throttle.flush()
+            p.spent += time.perf_counter() - t0
+            return self._end(p, stats)
+        except Exception as e:
+            return self._failed(p, e)
+
+    def _end(self, p: "_Local", stats, trained: dict | None = None) -> Update:
+        """Everything after training: the values sent (the model's, or ``trained``: the trained
+        state as tensors), the algorithm's ``finalize``, the channel's encoding."""
+        t0 = time.perf_counter()
+        try:
+            a, task, run, params, download = p.task.assignment, p.task, p.run, p.params, p.download
+            if trained is not None and self._reads_model:  # finalize reads the trained model
+                load_tensors(p.model, trained)
+                trained = None
+            keys = list(p.mask) if p.mask is not None and p.index is None else list(_state(p.model))
+            if trained is None:
+                trained = get_params(p.model, keys)
+            else:
+                trained = {k: trained[k].numpy().copy() for k in keys}
+            if p.index is not None:
+                values, send = scatter(trained, p.index, params)
+            else:
+                send, values = p.mask, trained
+            extras = self.algorithm.finalize(run)
             if a.send == "delta":
                 values = {k: (v - download[k]).astype(v.dtype, copy=False) for k, v in values.items()}
             if task.fail == "nan":
@@ -150,15 +196,92 @@ class ClientWorker:
             payload = self.channel.encode(values, send, extras, info)
             if run.new_state is not None:
                 payload = replace(payload, state=dict(run.new_state))
-            return replace(header, train_loss=stats.loss, steps=stats.steps, wall_s=time.perf_counter() - t0,
-                           bytes_up=payload.nbytes, payload=payload)
-        except Exception as e:  # application errors travel as values
-            return replace(header, error=f"{type(e).__name__}: {e}",
-                           extras={"traceback": traceback.format_exc(limit=3)}, wall_s=time.perf_counter() - t0)
+            return replace(p.header, train_loss=stats.loss, steps=stats.steps,
+                           wall_s=p.spent + time.perf_counter() - t0, bytes_up=payload.nbytes, payload=payload)
+        except Exception as e:
+            return self._failed(p, e)
         finally:
-            if run is not None:
-                for h in run.handles:
-                    h.remove()
+            for h in p.run.handles:
+                h.remove()
+
+    def _failed(self, p: "_Local", e: Exception) -> Update:
+        """An application error travels as a value (the task's hooks removed)."""
+        if p.run is not None:
+            for h in p.run.handles:
+                h.remove()
+            p.run.handles.clear()
+        return replace(p.header, error=f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - p.t0,
+                       extras={"traceback": traceback.format_exc(limit=3)})
+
+    # ------------------------------------------------------------ a call
+    def _together(self, p: "_Local"):
+        """What tasks must share to train together (None: this one trains alone)."""
+        if p.task.speed is not None or p.run.handles or self._hooked or p.model in self._stochastic:
+            return None
+        names = tuple(k for k in p.run.named if p.trainable is None or k in p.trainable)
+        return id(p.model), names, p.cfg
 
     def run(self, params: dict, tasks: list[Task], broadcast: dict | None = None) -> list[Update]:
-        return [self.run_task(params, t, broadcast) for t in tasks]
+        """The call's updates, in order. Tasks of one dispatch group (``train.vectorise``) that
+        can train together do (:func:`fedray.client.vectorised.train_group`); the others train one
+        by one (those that cannot, at once, so their hooks never meet another task's training)."""
+        if self.group <= 1 or len(tasks) < 2:
+            return [self.run_task(params, t, broadcast) for t in tasks]
+        out: list = [None] * len(tasks)
+        groups: dict = {}
+        for pos, t in enumerate(tasks):
+            p = self._begin(params, t, broadcast)
+            key = None if isinstance(p, Update) else self._together(p)
+            if key is None:
+                out[pos] = p if isinstance(p, Update) else self._train_one(p)
+            else:
+                groups.setdefault((t.dispatch_id // self.group, key), []).append((pos, p))
+        for members in groups.values():
+            if len(members) == 1:
+                out[members[0][0]] = self._train_one(members[0][1])
+                continue
+            for pos, u in zip((m[0] for m in members), self._train_together([m[1] for m in members])):
+                out[pos] = u
+        return out
+
+    def _train_together(self, ps: list["_Local"]) -> list[Update]:
+        t0 = time.perf_counter()
+        first = ps[0]
+        jobs = [Job(p.run.start, p.y, np.asarray(p.idx), p.seed, p.mask) for p in ps]
+        try:
+            results = train_group(first.model, jobs, self.x, first.cfg, trainable=first.trainable,
+                                  device=self.device, loss_fn=self.task.loss, per_example=self._per_example)
+        except NotImplementedError:  # the model draws random numbers: one by one from now on
+            self._stochastic.add(first.model)
+            return [self._train_one(p) for p in ps]
+        except Exception:  # anything vmap cannot do: one by one (the same inputs)
+            return [self._train_one(p) for p in ps]
+        share = (time.perf_counter() - t0) / len(ps)
+        self.together += len(ps)
+        out = []
+        for p, (values, stats) in zip(ps, results):
+            p.run.steps = stats.steps
+            p.spent += share
+            out.append(self._end(p, stats, values))
+        return out
+
+
+@dataclass
+class _Local:
+    """One task between its preparation and its update."""
+
+    task: Task
+    header: Update
+    t0: float
+    run: LocalRun | None = None
+    params: dict | None = None
+    download: dict | None = None
+    model: torch.nn.Module | None = None
+    cfg: object = None
+    idx: np.ndarray | None = None
+    y: np.ndarray | None = None
+    seed: int = 0
+    index: object = None  # a compact model's index into the global tensors
+    trainable: set | None = None
+    mask: dict | None = None
+    spent: float = 0.0  # seconds of this task so far

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedray.client.vectorised import group_size
 from fedray.client.worker import Task
 from fedray.devices import cost as costs
 from fedray.runtime import cluster
@@ -83,6 +84,7 @@ class Dispatcher:
         on = self.profiles.always_on()  # per tier: mains powered, always online, no trace
         self._on_tier = on
         self.all_on = bool(on.all())
+        self.group = group_size(cfg)  # consecutive dispatches routed together (vectorised training)
 
     @property
     def slow(self) -> np.ndarray:
@@ -243,8 +245,9 @@ class Dispatcher:
 
     # ------------------------------------------------------------ routing
     def actor_of(self, r: Inflight) -> int:
-        """The client actor a record is routed to (a ready one of its client's pool, by dispatch id)."""
-        return self.pool.route(self.pool.key_of(self.profiles.tier_of(r.client_id)), r.dispatch_id)
+        """The client actor a record is routed to (a ready one of its client's pool, by dispatch
+        group: ``dispatch_id // train.vectorise`` where dispatches train together, else the id)."""
+        return self.pool.route(self.pool.key_of(self.profiles.tier_of(r.client_id)), r.dispatch_id // self.group)
 
     def groups(self, recs: list[Inflight]) -> list[tuple[int, list[Inflight]]]:
         """One call per client actor for the update tasks routed to it (by the client's tier
