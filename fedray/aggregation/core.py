@@ -6,6 +6,16 @@ server only after :func:`fedray.aggregation.validate.check` (finite values, shap
 masks, keys), the staleness cutoff and the channel's check (its exact declared size and
 extra arrays); every rejection is counted with its reason. The core owns the per-client
 state store and keeps a valid update's new client state.
+
+The finiteness check is fused into the merge where that is exact: when no defence reads the
+values and the server merges every value it gets with a positive weight and no state
+(:meth:`~fedray.methods.base.Server.fused_check`), an update aggregated in the call that
+admits it is not scanned for NaN/Inf at admission -- its first read is the merge's, and a
+non-finite value makes the merged model non-finite. Only then are the unscanned updates
+checked; the non-finite ones are rejected (reason ``nonfinite``, as at admission) and the
+aggregation is redone without them, or waits for the buffer to fill again, exactly as if
+they had been rejected when they arrived. Updates still buffered when the call ends are
+scanned then, so every update's verdict is final when :meth:`AggregatorCore.receive` returns.
 """
 from __future__ import annotations
 
@@ -18,10 +28,11 @@ import numpy as np
 from fedray.aggregation import validate
 from fedray.aggregation.accumulate import Contribution
 from fedray.aggregation.defense import Defense
-from fedray.aggregation.kernels import all_finite
+from fedray.aggregation.kernels import DTYPES, all_finite
 from fedray.aggregation.merge import lazy_decode
 from fedray.channel import Channel, Expected
 from fedray.client.state import ClientStateStore
+from fedray.submodel.encode import Payload
 from fedray.methods.base import Aggregation, Entry, RoundRecord
 from fedray.update import Update
 
@@ -30,7 +41,7 @@ __all__ = ["AggregatorCore"]
 
 class AggregatorCore:
     def __init__(self, params: dict[str, np.ndarray], server, evaluator=None, channel: Channel | None = None,
-                 defense: Defense | None = None):
+                 defense: Defense | None = None, fuse_checks: bool = True):
         self.params = {k: np.array(v) for k, v in params.items()}
         self.server = server
         self.defense = defense
@@ -45,6 +56,9 @@ class AggregatorCore:
         self.excluded: list[int] = []  # dispatch ids left out of an aggregation that did not happen
         self._window: list[int] = []  # clients resolved since the last aggregation (async record)
         self._dropped: list[int] = []
+        self.fuse_checks = fuse_checks  # False: every update is scanned at admission (the reference)
+        self._unscanned: set[int] = set()  # buffered dispatches whose finiteness the merge checks
+        self._late: list[int] = []  # dispatches rejected after admission in this call (unscanned ones)
         self.message = server.start(self.params)  # for the planner, before the first dispatch
 
     # ------------------------------------------------------------ intake
@@ -60,14 +74,18 @@ class AggregatorCore:
             self.store.put(entry.client_id, entry.state)
         self.pending.append(entry)
 
-    def validate(self, header: Update, payload, expected: Expected | None = None) -> tuple[str | None, Entry | None]:
-        """``(reason, None)`` for a rejected update, ``(None, entry)`` for a valid one (not buffered)."""
+    def validate(self, header: Update, payload, expected: Expected | None = None,
+                 defer: bool = False) -> tuple[str | None, Entry | None]:
+        """``(reason, None)`` for a rejected update, ``(None, entry)`` for a valid one (not buffered).
+        ``defer``: leave the finiteness of float32/float64 values to the merge (see the module)."""
         if header.dispatch_id in self.seen:
             self.rejected["duplicate"] += 1
             return "duplicate", None
         self.seen.add(header.dispatch_id)
         self._window.append(int(header.client_id))
-        reason = validate.check(header, payload, self.params, expected.keys if expected is not None else None)
+        defer = defer and isinstance(payload, Payload) and payload.state is None
+        reason = validate.check(header, payload, self.params, expected.keys if expected is not None else None,
+                                finite=not defer)
         limit = self.server.max_staleness()
         if reason is None and limit is not None and self.version - header.base_version > limit:
             reason = "stale"
@@ -78,16 +96,22 @@ class AggregatorCore:
             reason = self.channel.check(payload, expected, lambda k: _covered(mask, self.params, k))
         if reason is None and payload.state is not None and not _finite_state(payload.state):
             reason = "state"
+        if reason is not None and defer:  # the reason a full check would have given first
+            reason = validate.check(header, payload, self.params, expected.keys if expected is not None else None) \
+                or reason
         if reason is not None:
             self.rejected[reason] += 1
             return reason, None
         extras = self.channel.expand(payload, expected, lambda k: mask[k] if k in mask else
                                      np.zeros(self.params[k].shape, bool))
+        if defer:
+            self._unscanned.add(header.dispatch_id)
         return None, Entry(header, Contribution(values, mask, float(header.num_examples)), extras, payload.state)
 
     # ------------------------------------------------------------ aggregation
-    def aggregate(self, record: RoundRecord | None = None) -> Aggregation | None:
-        """Apply the server algorithm to the buffer; bump the version. None if empty."""
+    def aggregate(self, record: RoundRecord | None = None, forced: bool = True) -> Aggregation | None:
+        """Apply the server algorithm to the buffer; bump the version. None if empty (or, not
+        ``forced``, when unscanned non-finite updates were taken out and the trigger no longer fires)."""
         if not self.pending:
             return None
         if record is None:  # asynchronous schedules: the clients resolved since the last aggregation
@@ -103,6 +127,11 @@ class AggregatorCore:
         res = out if isinstance(out, Aggregation) else Aggregation(out)
         new = res.params
         bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not all_finite(v)]
+        if bad and self._scan():  # non-finite updates the merge met, now rejected: again without them
+            if self.pending and (forced or self.server.trigger(len(self.pending))):
+                return self.aggregate(record, forced)
+            return None
+        self._unscanned.difference_update(e.update.dispatch_id for e in entries)  # finite: so was all it merged
         if bad:  # never publish a non-finite model: drop this aggregation
             self.rejected["nonfinite_result"] += len(self.pending)
             self.pending.clear()
@@ -127,9 +156,9 @@ class AggregatorCore:
         results, staleness, messages, included, moves = [], [], [], {}, {}
         aggregated = False
 
-        def apply():
+        def apply(forced: bool):
             nonlocal aggregated
-            res = self.aggregate(record if close else None)
+            res = self.aggregate(record if close else None, forced)
             if res is not None:
                 aggregated = True
                 if res.message is not None:
@@ -140,10 +169,11 @@ class AggregatorCore:
                 included.update({d: 0.0 for d in self.excluded})
                 self.excluded.clear()
 
+        defer = self.fuse_checks and self.defense is None and self.server.fused_check()
         checked = []
         for h, p, e in items:
             staleness.append(self.version - h.base_version)
-            checked.append(self.validate(h, p, e))
+            checked.append(self.validate(h, p, e, defer))
         valid = [entry for _, entry in checked if entry is not None]
         screened = iter(self.defense.screen(self.params, valid, self.version) if self.defense is not None
                         else [(entry, None, math.nan) for entry in valid])
@@ -158,10 +188,18 @@ class AggregatorCore:
                     self.buffer(entry)
             results.append((h.dispatch_id, reason))
             if self.pending and self.server.trigger(len(self.pending)):
-                apply()
-        buffered = len(self.pending)
+                apply(False)
+        if not force:  # what stays buffered is scanned now: its verdict is final when this call returns
+            self._scan()
+        buffered, late = len(self.pending), len(self._late)
         if force:
-            apply()
+            apply(True)
+            buffered -= len(self._late) - late  # rejected by the forced aggregation's scan
+        self._unscanned.clear()  # every update of the call is aggregated or scanned by now
+        if self._late:
+            rejected_late = set(self._late)
+            results = [(d, "nonfinite" if d in rejected_late else r) for d, r in results]
+            self._late.clear()
         if close and not aggregated:
             self.version += 1
             self._window, self._dropped = [], []
@@ -177,6 +215,22 @@ class AggregatorCore:
         if aggregated and evaluate and self.evaluator is not None:
             out["metrics"] = self.evaluate()
         return out
+
+    def _scan(self) -> bool:
+        """Scan the buffered updates whose finiteness was left to the merge; reject (count, take
+        out, report) the non-finite ones. True if there were any."""
+        if not self._unscanned:
+            return False
+        ids = [e.update.dispatch_id for e in self.pending]
+        late = [d for d, e in zip(ids, self.pending) if d in self._unscanned and not _finite(e)]
+        keep = [e for d, e in zip(ids, self.pending) if d not in late]
+        self._unscanned.difference_update(ids)  # (the call's later updates are not buffered yet)
+        if not late:
+            return False
+        self.rejected["nonfinite"] += len(late)
+        self._late.extend(late)
+        self.pending[:] = keep
+        return True
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics of the current model on the test set."""
@@ -218,6 +272,12 @@ class AggregatorCore:
         self.store.load_state_dict(state["store"])
         if self.defense is not None and state.get("defense") is not None:
             self.defense.load_state_dict(state["defense"])
+
+
+def _finite(entry: Entry) -> bool:
+    """Are the float32/float64 values of a buffered (payload-backed) update all finite?"""
+    payload = entry.contribution.values.source.payload
+    return all(all_finite(e.values) for e in payload.entries.values() if e.values.dtype in DTYPES)
 
 
 def _finite_state(state) -> bool:

@@ -204,6 +204,20 @@ def _popcount8(typingctx, byte):
     return types.int64(byte), codegen
 
 
+@intrinsic
+def _popcount_u64(typingctx, word):
+    """Set bits of one 64-bit word (int64)."""
+    if not isinstance(word, types.Integer) or word.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+        return builder.call(f, [args[0]])
+
+    return types.int64(word), codegen
+
+
 @njit(cache=True, nogil=True)
 def _aligned(n):
     """float64 work array of ``n`` elements starting on a 64-byte boundary (whole vector rows)."""
@@ -579,12 +593,25 @@ def _increasing_in(ix, lo, hi):
     return ok
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _finite_sum_parallel(v, chunk):
+    """:func:`_finite_sum` of ``chunk``-long pieces on all numba threads (NaN if any piece is)."""
+    parts = np.zeros(-(-v.shape[0] // chunk), v.dtype)
+    for c in prange(parts.shape[0]):
+        parts[c] = _finite_sum(v[c * chunk:min(v.shape[0], (c + 1) * chunk)])
+    return _finite_sum(parts)
+
+
 def all_finite(a: np.ndarray) -> bool:
-    """No NaN and no Inf in ``a``: one vectorised pass for float32/float64, no temporaries."""
+    """No NaN and no Inf in ``a``: one vectorised pass for float32/float64, no temporaries (on
+    every numba thread from :data:`PARALLEL_MIN` elements, as the merge)."""
     a = np.asarray(a)
     if a.dtype not in DTYPES:
         return bool(np.isfinite(a).all())
-    return bool(_finite_sum(_ro(a)) == 0.0)
+    flat = _ro(a)
+    if flat.size >= PARALLEL_MIN and numba.get_num_threads() > 1:
+        return bool(_finite_sum_parallel(flat, TILE * 16) == 0.0)
+    return bool(_finite_sum(flat) == 0.0)
 
 
 @njit(cache=True, nogil=True)
@@ -595,12 +622,26 @@ def _popcount(bits):
     return c
 
 
+@njit(cache=True, nogil=True)
+def _popcount_words(words):
+    c = 0
+    for i in range(words.shape[0]):
+        c += _popcount_u64(words[i])
+    return c
+
+
 def popcount(bits: np.ndarray) -> int:
-    """Set bits in a uint8 array (a packed mask's coverage)."""
-    bits = np.asarray(bits)
+    """Set bits in a uint8 array (a packed mask's coverage): 64 bits per step where the bytes are
+    8-aligned (as Arrow and the object store lay them out), the tail byte by byte."""
+    bits = _ro(np.asarray(bits))
     if bits.dtype != np.uint8:
         raise ValueError(f"packed masks are uint8, got {bits.dtype}")
-    return int(_popcount(_ro(bits)))
+    head = (-_addr(bits)) % 8 if bits.size else 0
+    n = head + (bits.size - head) // 8 * 8 if bits.size > head else bits.size
+    c = int(_popcount(bits[:head])) + int(_popcount(bits[n:]))
+    if n > head:
+        c += int(_popcount_words(bits[head:n].view(np.uint64)))
+    return c
 
 
 def strictly_increasing(ix: np.ndarray, lo: int, hi: int) -> bool:

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from fedray.aggregation.kernels import all_finite, popcount, strictly_increasing
+from fedray.aggregation.kernels import DTYPES, all_finite, popcount, strictly_increasing
 from fedray.submodel.encode import Entry, Payload
 from fedray.update import Update
 
@@ -35,7 +35,7 @@ REASONS = ("duplicate", "stale", "client_error", "zero_examples", "missing_key",
            "shape", "dtype", "mask_mismatch", "nonfinite", "size", "extras", "state", "nonfinite_result")
 
 
-def _check_entry(e: Entry, ref: np.ndarray) -> str | None:
+def _check_entry(e: Entry, ref: np.ndarray, finite: bool = True) -> str | None:
     if not isinstance(e, Entry) or not isinstance(e.values, np.ndarray):
         return "mask_mismatch"
     if e.values.dtype != ref.dtype:
@@ -71,14 +71,16 @@ def _check_entry(e: Entry, ref: np.ndarray) -> str | None:
             return "mask_mismatch"
     else:
         return "mask_mismatch"
-    if np.issubdtype(e.values.dtype, np.floating) and not all_finite(e.values):
+    if np.issubdtype(e.values.dtype, np.floating) and (finite or e.values.dtype not in DTYPES) \
+            and not all_finite(e.values):
         return "nonfinite"
     return None
 
 
 def check(header: Update, payload: Payload | None, model: Mapping[str, np.ndarray],
-          expected: Iterable[str] | None = None) -> str | None:
-    """Reason code if the update must be rejected, else None."""
+          expected: Iterable[str] | None = None, finite: bool = True) -> str | None:
+    """Reason code if the update must be rejected, else None. ``finite=False`` leaves the
+    finiteness of float32/float64 values (what the merge kernels read) to the caller."""
     if header.error is not None:
         return "client_error"
     if not header.num_examples or header.num_examples <= 0:
@@ -95,7 +97,7 @@ def check(header: Update, payload: Payload | None, model: Mapping[str, np.ndarra
     if keys - set(model):
         return "unknown_key"
     for k, e in payload.entries.items():
-        reason = _check_entry(e, model[k])
+        reason = _check_entry(e, model[k], finite)
         if reason:
             return reason
     return None

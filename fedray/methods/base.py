@@ -29,12 +29,10 @@ server talk only through messages: :meth:`Server.start` (before the first dispat
 
 Schedules (:mod:`fedray.runtime.schedulers`):
 
-- ``sync``: rounds; the round's updates are aggregated together when the round ends (its
-  slowest client, or :meth:`Planner.deadline`).
+- ``sync``: rounds, aggregated when the round ends (its slowest client, or :meth:`Planner.deadline`).
 - ``async``: ``concurrency`` clients in flight; each arrival goes to the buffer and
   :meth:`Server.trigger` decides when to aggregate (FedAsync: at once; FedBuff: every K).
-- ``interval``: like ``async`` but the server aggregates whatever has arrived every
-  :meth:`Planner.interval_s` virtual seconds (FedFix, PR-FL).
+- ``interval``: aggregates whatever has arrived every :meth:`Planner.interval_s` virtual s (FedFix, PR-FL).
 
 A user method is a subclass named by import path (``method: {name: "mypkg.algos:MyMethod"}``);
 see ``docs/extending.md``.
@@ -85,12 +83,10 @@ class Assignment:
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """The aggregation a server is asked for. ``selected``: the clients chosen for it (a
-    synchronous round's selected set; asynchronous schedules: the clients whose dispatches
-    were resolved since the last aggregation); ``dropped``: those of them that sent nothing
-    (dropped out, missed the deadline, lost with their actor); ``deadline_s``: the round's
-    deadline in seconds after its start (None: none); ``version``: the version being
-    replaced. The clients that arrived are the entries'."""
+    """The aggregation a server is asked for. ``selected``: the clients chosen for it (a sync
+    round's selected set; async: the clients resolved since the last aggregation); ``dropped``:
+    those that sent nothing (dropped out, late, lost with their actor); ``deadline_s``: the
+    round's deadline after its start (None: none); ``version``: the version being replaced."""
 
     version: int
     selected: tuple[int, ...] = ()
@@ -327,9 +323,13 @@ class Server(_Part):
         ``version`` (what the robust rules of ``defense:`` weigh by): the example count."""
         return float(entry.contribution.weight)
 
+    def fused_check(self) -> bool:
+        """May the merge check the values' finiteness (:mod:`fedray.aggregation.core`)? Only if every
+        value reaches the model with a weight > 0 and ``aggregate`` keeps no state (an override says)."""
+        return type(self).aggregate is Server.aggregate
+
     def broadcast(self) -> Mapping[str, np.ndarray] | None:
-        """Arrays sent to every client with the model (SCAFFOLD's ``c``); a submodel declares
-        them in ``receives`` so the download counts them. None: nothing."""
+        """Arrays sent to every client with the model (SCAFFOLD's ``c``, declared in ``receives``)."""
         return None
 
     def eval_params(self, params: Params, evaluator) -> Params:

@@ -58,6 +58,9 @@ class FedBuffServer(AsyncServer):
     def update_weight(self, entry, version: int) -> float:
         return self.staleness_weight(version, entry.base_version)  # deltas are not weighted by examples
 
+    def fused_check(self) -> bool:  # the delta mean with positive staleness weights; momentum keeps state
+        return self.params.server_momentum == 0.0
+
     def aggregate(self, global_params, entries, record):
         deltas = [rules.Contribution(e.contribution.values, e.contribution.mask, self.update_weight(e, record.version))
                   for e in entries]

@@ -166,6 +166,9 @@ class HeteroFLServer(Server):
             return params
         return evaluator.bn_statistics(params, max_examples=self.params.bn_examples)
 
+    def fused_check(self) -> bool:  # static BN leaves the statistics the clients send out of the merge
+        return self.params.bn_stats != "static" or not self._stat_keys
+
     def aggregate(self, global_params, entries, record):
         count = self.params.weight == "count"
         static = self.params.bn_stats == "static"

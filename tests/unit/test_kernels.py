@@ -162,9 +162,25 @@ def test_all_finite_checks_every_element(dtype):
     assert K.all_finite(np.arange(5))
 
 
+def test_all_finite_on_threads_checks_every_chunk():
+    n = K.PARALLEL_MIN + 12345  # the threaded path: pieces of TILE * 16, the last one short
+    a = np.ones(n, np.float32)
+    assert K.all_finite(a)
+    for at in (0, K.TILE * 16 - 1, K.TILE * 16, n - 1):
+        for bad in (np.nan, -np.inf):
+            b = a.copy()
+            b[at] = bad
+            assert not K.all_finite(b)
+
+
 def test_popcount_counts_packed_mask_bits():
     m = np.random.default_rng(0).random(1003) < 0.3
     assert K.popcount(np.packbits(m)) == m.sum() and K.popcount(np.zeros(0, np.uint8)) == 0
+    raw = np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8)
+    for start in range(9):  # 64-bit words in the middle, bytes at an unaligned head and tail
+        for n in (0, 1, 7, 8, 9, 17, 64, 250):
+            b = raw[start:start + n]
+            assert K.popcount(b) == int(np.unpackbits(b).sum()), (start, n)
     with pytest.raises(ValueError, match="uint8"):
         K.popcount(np.ones(3, np.int64))
 
