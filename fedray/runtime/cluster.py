@@ -30,6 +30,24 @@ def fetch_lists(refs: list) -> dict:
 
 
 
+AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
+"""Ray's warning, on every ``ray.init`` with ``RAY_AUTH_MODE`` unset, that it turned token
+authentication on: what fedray's cluster guide asks for, so it is noise. Ray's warning that
+authentication is *disabled* is kept."""
+
+
+class _DropAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(AUTH_NOTICE)
+
+
+def quiet_auth_notice() -> None:
+    """Drop :data:`AUTH_NOTICE` from Ray's log (idempotent; for ``ray.init`` and the job client)."""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropAuthNotice) for f in log.filters):
+        log.addFilter(_DropAuthNotice())
+
+
 def probe(address: str, field: str, timeout_s: float = 5.0) -> None:
     """One clear line (a ConfigError on ``field``) when nothing listens at a Ray address.
 
@@ -76,6 +94,7 @@ def connect(cluster_cfg) -> bool:
     """
     if ray.is_initialized():
         return False
+    quiet_auth_notice()
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                   configure_logging=True)
     if cluster_cfg.address:
