@@ -15,8 +15,8 @@ Conventions:
   ``pyarrow.fs`` URI, laid out like ``runtime.out_dir``). For a head on this
   machine the default is the absolute path of this caller's
   ``runtime.out_dir``, so the run folder is there when the command returns.
-  For a remote head without ``--storage`` the results stay in the job's working
-  directory on the cluster (a warning says so).
+  For a remote head without ``--storage`` the job stores them in ``~/fedray-runs``
+  on the head (a warning says so; see ``fedray.cli.JOB_STORAGE``).
 - Authentication: Ray's token authentication is handled by Ray's client:
   with ``RAY_AUTH_MODE=token`` the token comes from ``RAY_AUTH_TOKEN`` or
   ``~/.ray/auth_token``. A refused request is one line, exit code 2.
@@ -246,7 +246,7 @@ def _submit(address, command, wd, config_rel, base, overrides, storage, env_file
 
     c = client(address)
     if storage is None:
-        print(f"warning: no --storage given; results stay in the job's working directory on {address}",
+        print(f"warning: no --storage given; results are stored in ~/fedray-runs on the head of {address}",
               file=sys.stderr)
     run_path = None
     if resume and command == "run":  # the interrupted run's folder, as the job stored it

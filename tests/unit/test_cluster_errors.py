@@ -50,3 +50,19 @@ def test_listening_address_passes():
         probe(f"127.0.0.1:{s.getsockname()[1]}", "cluster.address")
         probe(f"ray://127.0.0.1:{s.getsockname()[1]}", "cluster.address")
     probe("auto", "cluster.address")
+
+
+def test_a_run_inside_a_ray_job_without_storage_is_stored_durably(tmp_path, monkeypatch, capsys):
+    """A Ray job's working directory is deleted with the job: its runs/ would be lost."""
+    from argparse import Namespace
+
+    from fedray.cli import JOB_ENV, _storage
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(JOB_ENV, raising=False)
+    assert _storage(Namespace(storage=None, out=None)) is None  # not in a job: runs/ as configured
+    monkeypatch.setenv(JOB_ENV, "{}")
+    assert _storage(Namespace(storage=None, out=None)) == str(tmp_path / "fedray-runs")
+    assert f"results are stored in {tmp_path / 'fedray-runs'}" in capsys.readouterr().err
+    assert _storage(Namespace(storage=None, out="/shared/runs")) is None  # --out: the user chose
+    assert _storage(Namespace(storage=str(tmp_path / "s"))) == str(tmp_path / "s")
