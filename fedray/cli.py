@@ -1,4 +1,4 @@
-"""``fedray run | tune | compare | submit | report``.
+"""fedray: federated learning on Ray -- run, tune, compare, submit, report, list, describe.
 
 A user mistake prints one line (``config error: field: ...``) and exits 2;
 it never shows a traceback.
@@ -148,8 +148,40 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_list(args) -> int:
+    from fedray import discover
+
+    print(discover.list_text(args.kind, args.imports), end="")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from fedray import discover
+
+    print(discover.describe(args.name), end="")
+    return 0
+
+
+def add_discover(p: argparse.ArgumentParser, sub) -> None:
+    """``--version``, ``list`` and ``describe`` (:mod:`fedray.discover`)."""
+    from fedray import discover
+
+    p.add_argument("--version", action="version", version=f"fedray {discover.version()}")
+    ls = sub.add_parser("list", help="list the methods, models, data sets or robust rules (defenses) there are")
+    ls.add_argument("kind", choices=discover.KINDS)
+    ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import your own module first (its registrations and Method classes are listed)")
+    ls.set_defaults(func=cmd_list)
+    d = sub.add_parser("describe", help="a method's parameters (types, defaults, meaning) and paper, "
+                       "or the fields of a config section (e.g. train, defense)")
+    d.add_argument("name", help="a method name, an import path 'package.module:Method', or a config section")
+    d.set_defaults(func=cmd_describe)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedray", description=__doc__.splitlines()[0])
+    from fedray.discover import plain
+
+    p = argparse.ArgumentParser(prog="fedray", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one experiment (default: configs/quickstart.yaml)")
     r.add_argument("config", nargs="?", help="YAML config")
@@ -194,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs_dir", help="folder with <method>-s<seed>/ run folders (searched recursively)")
     rp.add_argument("--out", help="report folder (default RUNS_DIR/report)")
     rp.set_defaults(func=cmd_report)
+    add_discover(p, sub)
     return p
 
 

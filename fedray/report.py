@@ -311,7 +311,9 @@ def write_report(root: str | Path, out: str | Path | None = None, *, only=None) 
     plots = plot(records, out)
     exps = sorted({r.experiment for r in records})
     md = [f"# fedray report: {', '.join(exps)}", "",
-          f"{len(records)} runs from `{root}`; mean ± std over seeds (sample std).", "", table]
+          f"{len(records)} runs from `{root}`; mean ± std over seeds (sample std).", "", table,
+          "Every metric (SDIR, time to target, sparse FLOPs, energy, ...) is explained in "
+          f"[docs/metrics.md]({Path(__file__).resolve().parent.parent / 'docs' / 'metrics.md'}).", ""]
     for p in plots:
         md += [f"![{p.stem}]({p.name})", ""]
     (out / "report.md").write_text("\n".join(md))

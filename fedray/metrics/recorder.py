@@ -182,6 +182,11 @@ class Recorder:
             if virtual_s is not None:
                 self.writer.add_scalar(f"{tag}@virtual_s", float(v), int(round(virtual_s)))
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A Markdown text summary (TensorBoard's Text tab)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, text, int(step))
+
     def histogram(self, tag: str, values: Iterable[float], step: int) -> None:
         values = list(values)
         if self.writer is not None and len(values):

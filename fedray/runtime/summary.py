@@ -11,6 +11,7 @@ from fedray.metrics import definitions
 
 __all__ = ["write", "model_digest", "SUMMARY_TAGS"]
 
+GLOSSARY = "docs/metrics.md (SDIR, time to target, sparse FLOPs, bytes, energy, staleness...)"
 SUMMARY_TAGS = ("sdir", "sdir_layers", "slow_coverage", "time_to_target_s", "train_flops", "sparse_train_flops",
                 "flops_per_accuracy_point", "bytes_up", "bytes_down", "server_egress", "energy_j", "virtual_s")
 
@@ -88,6 +89,10 @@ def write(run, status: str, error: str | None) -> dict:
     run.recorder.scalars(state["version"], {  # NaN where a run has no value (target never reached)
         f"summary/{k}": summary[k] if isinstance(summary.get(k), (int, float)) else math.nan
         for k in tags}, virtual_s=state["t"])
+    rows = [f"| {k} | {summary[k]:.6g} |" for k in tags if isinstance(summary.get(k), (int, float))]
+    run.recorder.text("summary", "\n".join([f"{cfg.method.name} seed {cfg.seed}: {status}", "", "| metric | value |",
+                                            "|---|---|", *rows, "", f"Every metric is explained in {GLOSSARY}."]),
+                      state["version"])
     run.recorder.close(summary)
     return summary
 
