@@ -7,11 +7,7 @@ __all__ = ["load_config", "run", "compare", "Result", "__version__"]
 
 
 def __getattr__(name):
-    if name == "compare":  # the module fedray.compare, callable as the API function
-        import importlib
-
-        return importlib.import_module("fedray.compare")
-    if name in ("load_config", "run", "Result"):
+    if name in ("load_config", "run", "compare", "Result"):
         from fedray import api
 
         return getattr(api, name)

@@ -61,6 +61,8 @@ def run(cfg, *, progress: bool = False, out: str | Path | None = None) -> Result
 
 def compare(path: str | Path, overrides=None, *, out: str | Path | None = None, progress: bool = False) -> dict:
     """``fedray compare``: ``{"summaries": [...], "report": {...}, "results": [Result, ...]}``."""
-    from fedray.compare import compare as compare_runs
+    from fedray import comparison
 
-    return compare_runs(path, _overrides(overrides), out=out, progress=progress)
+    p = comparison.plan(path, _overrides(overrides), out=str(out) if out is not None else None)
+    res = comparison.run(p, progress=progress)
+    return {**res, "results": [Result(summary=dict(s), run_dir=Path(s["run_dir"])) for s in res["summaries"]]}

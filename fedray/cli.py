@@ -115,7 +115,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from fedray import compare
+    from fedray import comparison as compare
 
     plan = compare.plan(args.config, args.set, out=args.out)
     res = compare.run(plan, progress=not args.quiet, storage=_storage(args))

@@ -88,7 +88,7 @@ def validate(command: str, config_path: str, overrides) -> "object":
 
         return C.load(config_path, overrides)
     if command == "compare":
-        from fedray import compare
+        from fedray import comparison as compare
 
         return compare.plan(config_path, overrides).base
     from fedray import tune

@@ -37,7 +37,7 @@ def test_python_api_example(tmp_path):
 def test_import_fedray_is_cheap_and_the_api_is_there():
     code = ("import sys, fedray; heavy = [m for m in ('torch', 'ray', 'pandas') if m in sys.modules]; "
             "assert not heavy, heavy; assert callable(fedray.run) and callable(fedray.load_config); "
-            "import fedray.compare; assert callable(fedray.compare) and fedray.compare.plan; "
+            "import fedray.comparison; assert callable(fedray.compare) and fedray.comparison.plan; "
             "cfg = fedray.load_config({'server': {'rounds': 2}}, overrides={'seed': 3}); "
             "assert (cfg.server.rounds, cfg.seed) == (2, 3); print(fedray.__version__)")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},

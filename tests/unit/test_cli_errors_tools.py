@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedray import compare, storage, submit
+from fedray import comparison as compare, storage, submit
 from fedray import config as C
 from fedray import tune as T
 from fedray.cli import main

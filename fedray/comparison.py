@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -219,21 +217,3 @@ def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None) ->
     stored = S.store_experiment(p.exp_dir, storage) if storage is not None else None
     return {"summaries": summaries, "report": rep, "stored": stored}
 
-
-def compare(path: str | Path, overrides=(), *, out=None, progress: bool = False) -> dict:
-    """Plan and run a comparison (the Python API's ``fedray.compare``); adds a
-    :class:`~fedray.result.Result` per run under ``"results"``."""
-    from fedray.result import Result
-
-    res = run(plan(path, overrides, out=str(out) if out is not None else None), progress=progress)
-    return {**res, "results": [Result(summary=dict(s), run_dir=Path(s["run_dir"])) for s in res["summaries"]]}
-
-
-class _CallableModule(types.ModuleType):
-    """``fedray.compare`` is this module once imported; calling it is :func:`compare`."""
-
-    def __call__(self, *args, **kwargs):
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
