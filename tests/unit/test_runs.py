@@ -66,3 +66,18 @@ def test_a_config_runs_once_resumes_when_interrupted_and_reruns_in_a_new_folder(
     assert _choose(base, rerun=True)[1].name == base.name + "-r3"
     _run(base.with_name(base.name + "-r3"), "failed")  # failed, or interrupted before a checkpoint: a new folder
     assert _choose(base) == ("fresh", base.with_name(base.name + "-r4"), None)
+
+
+def test_a_fresh_run_leaves_nothing_of_an_earlier_run_beside_its_own(tmp_path):
+    """After Ctrl-C a folder held the new config.yaml beside the old summary.json (and old event
+    files): a fresh run removes the earlier run's files first; a resumed run keeps them."""
+    from fedray.metrics.recorder import Recorder
+
+    d = tmp_path / "run"
+    (d / "tb").mkdir(parents=True)
+    for name in ("summary.json", "config.yaml", "model.npz", "tb/events.out.tfevents.1.old"):
+        (d / name).write_text("{}")
+    Recorder(d, tensorboard=False, resume_parts=0).close()
+    assert (d / "summary.json").is_file() and (d / "tb" / "events.out.tfevents.1.old").is_file()
+    Recorder(d, tensorboard=False).close()
+    assert sorted(p.name for p in d.iterdir()) == ["metrics.parquet", "tb"] and not list((d / "tb").iterdir())
