@@ -45,17 +45,22 @@ def load_config(source: str | Path | Mapping | None = None, overrides=None):
     return config.load(source if source is not None else _default_config(), _overrides(overrides))
 
 
-def run(cfg, *, progress: bool = False, out: str | Path | None = None) -> Result:
+def run(cfg, *, progress: bool = False, out: str | Path | None = None, rerun: bool = False) -> Result:
     """Run one experiment (a config from :func:`load_config`, or anything it takes) on the
-    local or configured Ray cluster; ``out`` replaces ``runtime.out_dir``."""
-    from fedray import config
+    local or configured Ray cluster; ``out`` replaces ``runtime.out_dir``. As ``fedray run``: a
+    config with a completed run is not trained again (its Result is returned; ``rerun=True``
+    trains it again in a new folder) and an interrupted one is resumed."""
+    from fedray import config, runs
     from fedray.runtime.runner import run as run_one
 
     if not isinstance(cfg, config.ExperimentConfig):
         cfg = load_config(cfg)
     if out is not None:
         cfg = replace(cfg, runtime=replace(cfg.runtime, out_dir=str(out)))
-    summary = run_one(cfg, progress=progress)
+    action, folder = runs.place(cfg, rerun)
+    if action == "completed":
+        return Result(summary=runs.load_summary(folder), run_dir=folder)
+    summary = run_one(cfg, progress=progress, run_dir=folder, resume=action == "resume")
     return Result(summary=dict(summary), run_dir=Path(summary["run_dir"]))
 
 

@@ -40,8 +40,18 @@ def cmd_run(args) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, out_dir=args.out))
+    resume = bool(args.resume)
+    if not resume:
+        from fedray import runs
+
+        action, run_dir = runs.place(cfg, args.rerun)
+        if action == "completed":
+            if storage:
+                print(f"stored: {store_run(run_dir, storage)}")
+            return 0
+        resume = action == "resume"
     try:
-        s = run(cfg, progress=not args.quiet and cfg.runtime.progress, run_dir=run_dir, resume=bool(args.resume))
+        s = run(cfg, progress=not args.quiet and cfg.runtime.progress, run_dir=run_dir, resume=resume)
     except BaseException:  # an interrupted or failed run is stored too: its folder is what resumes it
         folder = run_dir or cfg.run_dir
         if storage and (Path(folder) / "config.yaml").is_file():
@@ -118,7 +128,9 @@ def cmd_compare(args) -> int:
     from fedray import comparison as compare
 
     plan = compare.plan(args.config, args.set, out=args.out)
-    res = compare.run(plan, progress=not args.quiet, storage=_storage(args))
+    res = compare.run(plan, progress=not args.quiet, storage=_storage(args), rerun=args.rerun)
+    if res["reused"]:
+        print(f"{res['reused']} of {len(plan.runs)} runs were completed already and read back (--rerun: train all)")
     print(res["report"]["table"], end="")
     print(f"report: {res['report']['markdown']}  (tensorboard --logdir {plan.exp_dir})")
     if res["stored"]:
@@ -190,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--storage", help="also copy the run folder here (path or pyarrow.fs URI, e.g. s3://bucket/runs)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    r.add_argument("--rerun", action="store_true", help="train again although this config has a completed run "
+                   "(in a new folder <run>-r2, -r3...)")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("tune", help="Ray Tune search over config fields (tune: section)")
@@ -206,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default runtime.out_dir)")
     c.add_argument("--storage", help="also copy the experiment folder here (path or pyarrow.fs URI)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--rerun", action="store_true", help="train every run again (new -r<n> folders), not only "
+                   "the ones without a completed run")
     c.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("submit", help="submit run/tune/compare to a Ray cluster as a Ray job")
@@ -223,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     rp = sub.add_parser("report", help="rebuild the table and plots from run folders")
-    rp.add_argument("runs_dir", help="folder with <method>-s<seed>/ run folders (searched recursively)")
+    rp.add_argument("runs_dir", help="folder with <method>-s<seed>-<hash>/ run folders (searched recursively)")
     rp.add_argument("--out", help="report folder (default RUNS_DIR/report)")
     rp.set_defaults(func=cmd_report)
     add_discover(p, sub)

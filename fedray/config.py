@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from fedray import config_hints
+from fedray import config_hints, runs
 from fedray.errors import ConfigError
 from fedray.params import FRACTION, NONNEG, POS, UNIT, UNIT_POS, _f, build  # noqa: F401 (field helpers)
 from fedray.security import AttackConfig, DefenseConfig, PrivacyConfig
@@ -190,8 +190,8 @@ class ExperimentConfig:
     privacy: PrivacyConfig = _f(factory=PrivacyConfig)
 
     @property
-    def run_name(self) -> str:
-        return f"{self.method.name.replace(':', '.')}-s{self.seed}"  # an import path's colon: a dot
+    def run_name(self) -> str:  # <method>-s<seed>-<config hash> (fedray.runs)
+        return runs.folder_name(self.method.name, self.seed, runs.config_hash(to_dict(self)))
 
     @property
     def run_dir(self) -> Path:

@@ -5,13 +5,18 @@ No retraining: everything comes from each run's ``summary.json``,
 
 Conventions:
 
-- A *run folder* is a folder named ``<label>-s<seed>`` holding ``summary.json``
-  (what ``fedray run`` and ``fedray compare`` write). Folders with other names
-  (for example the ``run/`` folders inside Tune trials) are not runs of a
-  comparison and are skipped.
-- Runs are grouped by (experiment, label); the label is the folder name
-  without its ``-s<seed>`` suffix (the method name, or the ``label`` a compare
-  config gave a method entry).
+- A *run folder* is a folder named ``<label>-s<seed>-<hash>`` (``-r<n>`` after it
+  for a re-run; older fedray wrote ``<label>-s<seed>``) holding ``summary.json``
+  (what ``fedray run`` and ``fedray compare`` write, see :mod:`fedray.runs`).
+  Folders with other names (for example the ``run/`` folders inside Tune
+  trials) are not runs of a comparison and are skipped.
+- Runs are grouped by (experiment, label, config): the label is the method name
+  or the ``label`` a compare config gave a method entry, the config is the hash
+  of the run's ``config.yaml`` without its seed (:func:`fedray.runs.config_hash`;
+  the folder name's hash when there is no ``config.yaml``), so runs that differ in
+  anything but the seed are separate rows; rows that share a label are told apart
+  by the config fields they differ in (``fedavg (train.lr=0.1)``). Of several
+  runs of one config and seed (re-runs) the latest completed one counts.
 - A cell is ``mean ± std`` over the group's seeds; std is the sample standard
   deviation (ddof=1), omitted for a single seed. Keys a summary lacks (or
   holds as null/NaN) are left out of the mean; a metric no run has is ``—``.
@@ -29,15 +34,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fedray import runs as RUNS
 from fedray.errors import DataError
 
-RUN_NAME = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 DASH = "—"
 
 # (column title, summary key, value kind)
@@ -63,6 +67,8 @@ class RunRecord:
     seed: int
     summary: dict
     config: dict = field(default_factory=dict)
+    config_hash: str | None = None
+    rerun: int = 1
 
     @property
     def method(self) -> str:
@@ -123,7 +129,7 @@ def find_runs(root: str | Path) -> list[RunRecord]:
     out = []
     for s in sorted(root.rglob("summary.json")):
         d = s.parent
-        m = RUN_NAME.match(d.name)
+        m = RUNS.parse(d.name)
         if not m:
             continue
         try:
@@ -138,16 +144,52 @@ def find_runs(root: str | Path) -> list[RunRecord]:
             except yaml.YAMLError:
                 raise DataError(f"'{cp}' is not valid YAML") from None
         exp = str(summary.get("experiment") or cfg.get("experiment") or d.parent.name)
-        out.append(RunRecord(d, exp, m.group("label"), int(m.group("seed")), summary, cfg))
-    out.sort(key=lambda r: (r.experiment, r.label, r.seed))
+        digest = RUNS.config_hash(cfg) if cfg else m["hash"]
+        out.append(RunRecord(d, exp, m["label"], m["seed"], summary, cfg, digest, m["rerun"]))
+    out.sort(key=lambda r: (r.experiment, r.label, r.config_hash or "", r.seed, r.rerun))
+    return latest(out)
+
+
+def latest(records: list[RunRecord]) -> list[RunRecord]:
+    """One run per (experiment, label, config, seed): the latest completed one, else the latest."""
+    best: dict[tuple, RunRecord] = {}
+    for r in records:
+        key = (r.experiment, r.label, r.config_hash, r.seed)
+        old = best.get(key)
+        if old is None or (r.summary.get("status", "completed") == "completed",
+                           r.rerun) >= (old.summary.get("status", "completed") == "completed", old.rerun):
+            best[key] = r
+    keep = {id(r) for r in best.values()}
+    return [r for r in records if id(r) in keep]
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif f"{prefix}{k}" not in ("seed", "experiment"):
+            out[f"{prefix}{k}"] = v
     return out
 
 
 def group(records: list[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
-    """(experiment, label) -> its runs, in first-seen order."""
-    out: dict[tuple[str, str], list[RunRecord]] = {}
+    """(experiment, shown label) -> its runs (one config, its seeds), in first-seen order. A label
+    that several configs share gets the fields they differ in (at most 3) or their hash appended."""
+    by_cfg: dict[tuple, list[RunRecord]] = {}
     for r in records:
-        out.setdefault((r.experiment, r.label), []).append(r)
+        by_cfg.setdefault((r.experiment, r.label, r.config_hash), []).append(r)
+    out: dict[tuple[str, str], list[RunRecord]] = {}
+    for (exp, label, digest), runs in by_cfg.items():
+        rivals = [v[0] for (e, lb, _), v in by_cfg.items() if (e, lb) == (exp, label)]
+        name = label
+        if len(rivals) > 1:
+            flats = [_flat(x.config) for x in rivals]
+            mine = _flat(runs[0].config)
+            keys = sorted(k for k in set().union(*flats) if len({repr(f.get(k)) for f in flats}) > 1)
+            shown = ", ".join(f"{k}={mine.get(k)}" for k in keys[:3])
+            name = f"{label} ({shown or digest})"
+        out[(exp, name)] = runs
     return out
 
 
@@ -303,7 +345,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, only=None) 
         keep = {Path(x).resolve() for x in only}
         records = [r for r in records if r.path.resolve() in keep]
     if not records:
-        raise DataError(f"no run folders (<method>-s<seed>/summary.json) under '{root}'")
+        raise DataError(f"no run folders (<method>-s<seed>-<hash>/summary.json) under '{root}'")
     out = Path(out) if out is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)

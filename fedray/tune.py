@@ -53,9 +53,11 @@ Conventions:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -385,11 +387,29 @@ def _write_text(dest: str, text: str) -> None:
         f.write(text.encode())
 
 
+@contextlib.contextmanager
+def _no_tune_tensorboard():
+    """Tune's own loggers without its TensorBoard one: its event files (one per trial, in the trial
+    folder) would show up as extra runs beside each trial's ``run/tb`` under ``tensorboard --logdir
+    runs``. Tune adds that logger unless ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` is ``1`` when the
+    search starts (the CSV and JSON loggers are then passed explicitly)."""
+    key, old = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, quiet: bool = False) -> dict:
     """Run (or resume) the search. Returns ``{"path", "best_path", "best_values", "best_metrics",
     "trials", "finished", "interrupted"}``; on interruption no best config is written."""
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     from fedray.runtime import cluster
@@ -419,9 +439,11 @@ def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, 
                 tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                             max_concurrent_trials=spec.max_concurrent_trials, scheduler=sched),
                 run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0 if quiet else 1,
-                                          sync_config=tune.SyncConfig(sync_artifacts=True)),
+                                          sync_config=tune.SyncConfig(sync_artifacts=True),
+                                          callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]),
             )
-        grid = tuner.fit()
+        with _no_tune_tensorboard():
+            grid = tuner.fit()
     finally:
         if owns and ray.is_initialized():
             ray.shutdown()

@@ -61,7 +61,7 @@ class Runner:
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.cfg.runtime.checkpoint_dir or str(self.run_dir / "checkpoint")
+        return checkpoint.of_run(self.cfg.runtime.checkpoint_dir, self.run_dir)
 
     # ------------------------------------------------------------ setup
     def _check_output(self) -> None:

@@ -7,7 +7,9 @@ import math
 import numpy as np
 import ray
 
-from fedray.metrics import definitions
+from fedray import config as C
+from fedray import runs
+from fedray.metrics import definitions, hparams
 
 __all__ = ["write", "model_digest", "SUMMARY_TAGS"]
 
@@ -43,7 +45,7 @@ def write(run, status: str, error: str | None) -> dict:
     cfg, primary = run.cfg, run.setup.task.primary
     state, tot = run.tracker.state, run.accounting.totals
     summary = {"experiment": cfg.experiment, "method": cfg.method.name, "seed": cfg.seed, "status": status,
-               "metric": primary, "run_dir": str(run.run_dir)}
+               "metric": primary, "run_dir": str(run.run_dir), "config_hash": runs.config_hash(C.to_dict(cfg))}
     if error is not None:
         summary["error"] = error
     try:
@@ -93,6 +95,10 @@ def write(run, status: str, error: str | None) -> dict:
     run.recorder.text("summary", "\n".join([f"{cfg.method.name} seed {cfg.seed}: {status}", "", "| metric | value |",
                                             "|---|---|", *rows, "", f"Every metric is explained in {GLOSSARY}."]),
                       state["version"])
+    name = runs.parse(run.run_dir.name)  # a compare entry's label is its folder's
+    label = name["label"] if name and name["label"] != cfg.method.name.replace(":", ".") else None
+    if status == "completed":  # once: an interrupted run writes them when it completes
+        run.recorder.hparams(hparams.hparams_of(cfg, label), hparams.metrics_of(summary))
     run.recorder.close(summary)
     return summary
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.test_submit import _our_leftovers, free_ports
+from tests.runkit import run_folder
 
 pytestmark = pytest.mark.cluster
 
@@ -105,7 +106,7 @@ def test_ray_up_submit_exec_down(sshd):
               f"configs/quickstart.yaml {' '.join(QUICK)} --set experiment=launcher_exec {' '.join(at)}"], env, 400)
         _run([ray, "rsync-down", str(cfg), f"{runs}/", str(d / "down")], env, 120)
         for exp in ("launcher_submit", "launcher_exec"):
-            s = json.loads((d / "down" / exp / "fedavg-s0" / "summary.json").read_text())
+            s = json.loads((run_folder(d / "down" / exp, "fedavg") / "summary.json").read_text())
             assert s["rounds"] == 2
     finally:
         pid_file = d / "ray" / "ray.pid"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.runkit import run_folder
+
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +114,7 @@ def test_fedray_submit_brings_the_run_folder_back(head, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout
-    run = tmp_path / "runs" / "submit_fedray" / "fedavg-s0"
+    run = run_folder(tmp_path / "runs" / "submit_fedray", "fedavg")
     s = json.loads((run / "summary.json").read_text())
     assert s["rounds"] == 3
     assert (run / "metrics.parquet").exists() and (run / "tb").is_dir()
@@ -158,7 +160,7 @@ def test_plain_ray_job_submit(head, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
-    s = json.loads((store / "plain_submit" / "fedavg-s0" / "summary.json").read_text())
+    s = json.loads((run_folder(store / "plain_submit", "fedavg") / "summary.json").read_text())
     assert s["rounds"] == 3
 
 
@@ -197,7 +199,7 @@ def test_a_stopped_job_resumes_with_fedray_submit_resume(head, tmp_path):
     while str(c.get_job_status(job)).split(".")[-1] not in ("STOPPED", "FAILED", "SUCCEEDED"):
         assert time.time() < deadline + 120
         time.sleep(0.5)
-    run = store / "submit_resume" / "fedavg-s0"
+    run = run_folder(store / "submit_resume", "fedavg")
     stopped = json.loads((run / "summary.json").read_text())
     assert stopped["status"] == "interrupted" and 0 < stopped["version"] < 400, c.get_job_logs(job)[-3000:]
     r = subprocess.run([*base, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -209,5 +211,5 @@ def test_a_stopped_job_resumes_with_fedray_submit_resume(head, tmp_path):
                                "--out", str(tmp_path / "straight")], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=400)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    ref = json.loads((tmp_path / "straight" / "submit_resume" / "fedavg-s0" / "summary.json").read_text())
+    ref = json.loads((run_folder(tmp_path / "straight" / "submit_resume", "fedavg") / "summary.json").read_text())
     assert resumed["model_sha256"] == ref["model_sha256"]

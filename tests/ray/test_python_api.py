@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.runkit import run_folder
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.ray
@@ -28,7 +30,7 @@ def test_python_api_example(tmp_path):
     assert "docs/metrics.md" in report
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = EventAccumulator(str(out / "python_api" / "fedavg-s0" / "tb"), size_guidance={"tensors": 0}).Reload()
+    tb = EventAccumulator(str(run_folder(out / "python_api", "fedavg") / "tb"), size_guidance={"tensors": 0}).Reload()
     texts = [t.tensor_proto.string_val[0].decode() for tag in tb.Tags()["tensors"] if tag.startswith("summary")
              for t in tb.Tensors(tag)]
     assert any("docs/metrics.md" in t and "| sdir |" in t for t in texts), texts

@@ -15,6 +15,7 @@ import pytest
 from fedray import config as C
 from fedray import tune as T
 from fedray.cli import main
+from tests.runkit import run_folder
 
 pytestmark = pytest.mark.ray
 
@@ -53,6 +54,10 @@ def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path):
         params = json.loads((t / "params.json").read_text())
         finals[(params["train.lr"], params["server.clients_per_round"])] = rows[-1]["accuracy"]
     assert res["best_metrics"]["accuracy"] == pytest.approx(max(finals.values()))
+    # TensorBoard sees fedray's runs only: no event files of Tune's own logger in the trial folders
+    events = sorted(exp.rglob("events.out.tfevents.*"))
+    assert len({p.parent for p in events}) == 4
+    assert all(p.parent.name == "tb" and p.parent.parent.name == "run" for p in events), events
     best_path = Path(res["best_path"])
     best = C.load(best_path)
     assert best.train.lr == res["best_values"]["train.lr"]
@@ -61,7 +66,7 @@ def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path):
 
     out = tmp_path / "rerun"
     assert main(["run", str(best_path), "--quiet", "--out", str(out)]) == 0
-    s = json.loads((out / "tune_tiny" / "fedavg-s0" / "summary.json").read_text())
+    s = json.loads((run_folder(out / "tune_tiny", "fedavg") / "summary.json").read_text())
     assert s["rounds"] == best.server.rounds
     if res["best_metrics"]["version"] == best.server.rounds:  # the best trial was not cut short: same run
         assert s["final_accuracy"] == pytest.approx(res["best_metrics"]["accuracy"])
