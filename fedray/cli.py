@@ -129,7 +129,7 @@ def cmd_report(args) -> int:
 
     res = report.write_report(args.runs_dir, args.out)
     print(res["table"], end="")
-    print(f"report: {res['markdown']} ({res['runs']} runs)")
+    print(f"report: {res['markdown']}, {res['html']} ({res['runs']} runs)")
     return 0
 
 
