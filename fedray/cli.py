@@ -156,7 +156,7 @@ def cmd_report(args) -> int:
 
     res = report.write_report(args.runs_dir, args.out)
     print(res["table"], end="")
-    print(f"report: {res['markdown']} ({res['runs']} runs)")
+    print(f"report: {res['markdown']}, {res['html']} ({res['runs']} runs)")
     return 0
 
 
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     t.add_argument("--storage", help="where the search lives (path or pyarrow.fs URI; default runtime.out_dir)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
-    t.add_argument("--quiet", action="store_true", help="no Tune status tables")
+    t.add_argument("--quiet", action="store_true", help="no line per finished trial, only the best")
     t.set_defaults(func=cmd_tune)
 
     c = sub.add_parser("compare", help="methods x seeds on the same data, devices and seeds (compare: section)")

@@ -131,19 +131,18 @@ def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None, re
     "folders": [the run folders], "reused": how many runs were read back}``.
     """
     import ray
-    from tqdm.auto import tqdm
 
     from fedray import report as R
     from fedray import storage as S
     from fedray.runtime import checkpoint, cluster
+    from fedray.runtime.progress import make_bar
     from fedray.runtime.runner import Runner
 
     if storage is not None:
         storage = S.normalize(storage)
     owns = None
     summaries, folders, reused = [], [], 0
-    bar = tqdm(total=len(p.runs), desc=f"compare {p.base.experiment}", unit="run", disable=not progress,
-               dynamic_ncols=True)
+    bar = make_bar(len(p.runs), f"compare {p.base.experiment}", "run", disable=not progress)
     try:
         for r in p.runs:
             bar.set_postfix_str(f"{r.label} s{r.seed}")

@@ -25,9 +25,12 @@ Conventions:
   accuracy >= ``server.target_accuracy`` of the run's ``config.yaml``. Seeds
   that never reach it are excluded from the mean and counted: ``12.3 ± 1.0
   (2/3 reached)``; ``not reached`` when none did; ``—`` without a target.
-- Plots: one line per run (colour per label) of evaluation accuracy against
-  virtual seconds, cumulative bytes (up + down) and cumulative training FLOPs,
-  all read from ``metrics.parquet`` in event order.
+- Plots (:mod:`fedray.report_plots`): evaluation accuracy against virtual
+  seconds, cumulative bytes (up + down) and cumulative training FLOPs, all read
+  from ``metrics.parquet`` in event order; per label the mean over its seeds
+  with a min–max band, one colour per label, axes in human units, titled.
+- ``report.html`` (:mod:`fedray.report_html`): the same table and plots in one
+  file with the images inlined (no external resources; opens offline).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedray import report_html, report_plots
 from fedray import runs as RUNS
 from fedray.errors import DataError
 
@@ -246,16 +250,24 @@ def aggregate(records: list[RunRecord]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    """The Markdown table (one row per method label)."""
+def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The table as text cells: (header, one list of cells per method label)."""
     many = len({r["experiment"] for r in rows}) > 1
     head = (["experiment"] if many else []) + ["method", "seeds"] + [c[0] for c in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
     for r in rows:
         cells = ([r["experiment"]] if many else []) + [r["label"], str(len(r["seeds"]))]
         for _, key, kind in COLUMNS:
             cells.append(cell(r["values"][key], kind, target_known=r["target_known"]))
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    return head, body
+
+
+def markdown(rows: list[dict]) -> str:
+    """The Markdown table (one row per method label)."""
+    head, body = table_cells(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
 
 
@@ -296,44 +308,12 @@ def curves(rec: RunRecord) -> dict[str, np.ndarray]:
             "train_flops": np.cumsum(flops)[is_eval]}
 
 
-PLOTS = (("virtual_s", "virtual time (s)", "accuracy_vs_virtual_time.png"),
-         ("bytes", "bytes up + down", "accuracy_vs_bytes.png"),
-         ("train_flops", "training FLOPs", "accuracy_vs_flops.png"))
-
-
 def plot(records: list[RunRecord], out: Path) -> list[Path]:
-    """Three PNGs (accuracy vs virtual time, vs bytes, vs FLOPs); one line per run, one colour per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = group(records)
+    """The three PNGs of :mod:`fedray.report_plots` (mean and min–max band over seeds per label)."""
     many = len({r.experiment for r in records}) > 1
-    data = {id(r): curves(r) for r in records}
-    paths = []
-    for xkey, xlabel, fname in PLOTS:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for i, ((exp, label), runs) in enumerate(groups.items()):
-            color = f"C{i % 10}"
-            name = f"{exp}/{label}" if many else label
-            for j, r in enumerate(runs):
-                c = data[id(r)]
-                if not c or len(c["accuracy"]) == 0:
-                    continue
-                ax.plot(c[xkey], c["accuracy"], color=color, alpha=0.85, lw=1.4, marker="." if len(c[xkey]) < 3 else None,
-                        label=name if j == 0 else None)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / fname
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    return paths
+    groups = {(f"{exp}/{label}" if many else label): [curves(r) for r in runs]
+              for (exp, label), runs in group(records).items()}
+    return report_plots.plot(groups, sorted({r.experiment for r in records}), out)
 
 
 def write_report(root: str | Path, out: str | Path | None = None, *, only=None) -> dict:
@@ -352,13 +332,18 @@ def write_report(root: str | Path, out: str | Path | None = None, *, only=None) 
     table = markdown(rows)
     plots = plot(records, out)
     exps = sorted({r.experiment for r in records})
-    md = [f"# fedray report: {', '.join(exps)}", "",
-          f"{len(records)} runs from `{root}`; mean ± std over seeds (sample std).", "", table,
-          "Every metric (SDIR, time to target, sparse FLOPs, energy, ...) is explained in "
-          f"[docs/metrics.md]({Path(__file__).resolve().parent.parent / 'docs' / 'metrics.md'}).", ""]
+    title = f"fedray report: {', '.join(exps)}"
+    intro = f"{len(records)} runs from {root}; table cells are mean ± std over seeds (sample std)."
+    md = [f"# {title}", "", intro.replace(str(root), f"`{root}`"), "", table]
+    glossary = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+    md += ["Every metric (SDIR, time to target, sparse FLOPs, energy, ...) is explained in "
+           f"[docs/metrics.md]({glossary}).", ""]
     for p in plots:
         md += [f"![{p.stem}]({p.name})", ""]
+    md += [f"Plots: the mean over seeds per method; {report_plots.BAND}.", ""]
     (out / "report.md").write_text("\n".join(md))
     write_csv(rows, out / "report.csv")
-    return {"dir": out, "markdown": out / "report.md", "csv": out / "report.csv", "plots": plots, "rows": rows,
-            "table": table, "runs": len(records)}
+    page = report_html.write(out / "report.html", title, intro, *table_cells(rows), plots,
+                             f"Mean over seeds per method; {report_plots.BAND}.")
+    return {"dir": out, "markdown": out / "report.md", "csv": out / "report.csv", "html": page, "plots": plots,
+            "rows": rows, "table": table, "runs": len(records)}

@@ -5,7 +5,8 @@ A tune config is a normal experiment config plus a ``tune:`` section::
     tune:
       metric: accuracy          # accuracy (max) or loss (min), as reported after each evaluation
       mode: max
-      num_samples: 4            # samples of the random domains; grids are crossed with it (Tune's rule)
+      num_samples: 4            # samples of the other domains per grid point (Tune's rule); a space of
+                                # grid/choice only draws distinct combinations (fedray.tune_space)
       max_concurrent_trials: 2  # optional
       driver_cpus: 0.5          # CPUs of the trial's driver loop (the first placement-group bundle)
       scheduler: {name: asha, time_attr: version, max_t: 20, grace_period: 2, reduction_factor: 2}
@@ -46,6 +47,8 @@ Conventions:
   TensorBoard logs) next to Tune's own result files. ``best.yaml`` (the base
   config with the best trial's values; runnable with ``fedray run``) and
   ``results.csv`` are written into the experiment folder.
+- Console: one line per finished trial and the best at the end (no Tune status tables;
+  ``--quiet``: only the best).
 - Best trial: best ``metric`` at the trial's last report (``scope="last"``).
 - Resume: ``--resume`` restores the experiment with ``Tuner.restore``; finished
   trials are kept, unfinished ones restart from their beginning (runs are not
@@ -66,6 +69,7 @@ import yaml
 
 from fedray import config as C
 from fedray import storage as S
+from fedray import tune_space
 from fedray.errors import ConfigError
 from fedray.devices import population
 
@@ -234,14 +238,10 @@ def load_spec(path: str | Path, overrides=()) -> TuneSpec:
 # ---------------------------------------------------------------- Ray Tune pieces
 
 
-def param_space(spec: TuneSpec) -> dict:
-    """The Tune ``param_space``: flat, keyed by field path."""
-    from ray import tune
-
-    make = {"grid": lambda a: tune.grid_search(list(a)), "choice": lambda a: tune.choice(list(a)),
-            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
-            "randint": lambda a: tune.randint(*a)}
-    return {k: make[kind](args) for k, (kind, args) in spec.space.items()}
+def param_space(spec: TuneSpec) -> tuple[dict, int]:
+    """The Tune ``param_space`` (flat, keyed by field path) and ``num_samples``: a categorical
+    space is drawn without replacement (:mod:`fedray.tune_space`)."""
+    return tune_space.param_space(spec.space, spec.num_samples, spec.cfg.seed)
 
 
 def without_own_placement(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
@@ -346,7 +346,7 @@ def make_trainable(spec: TuneSpec):
 
         from fedray.runtime.runner import Runner
 
-        cfg = C.from_dict(with_values(base, config))
+        cfg = C.from_dict(with_values(base, tune_space.field_values(config)))
         cfg = without_own_placement(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
         rep = DeferredReport(_tune.report)
         runner = Runner(cfg, run_dir=Path.cwd() / "run", progress=False, report=rep)
@@ -358,7 +358,7 @@ def make_trainable(spec: TuneSpec):
         rep.finish(summary)
 
     def resources(config):
-        return trial_resources(C.from_dict(with_values(base, config)), driver_cpus)
+        return trial_resources(C.from_dict(with_values(base, tune_space.field_values(config))), driver_cpus)
 
     return tune.with_resources(fedray_trial, resources)
 
@@ -433,16 +433,19 @@ def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, 
                 sched = ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
                                       reduction_factor=s.reduction_factor)
             parent, name = path.rsplit("/", 1)
+            space, samples = param_space(spec)
+            lines = [] if quiet else [tune_space.trial_lines(
+                list(spec.space), spec.metric, tune_space.trial_count(spec.space, spec.num_samples))]
             tuner = tune.Tuner(
                 trainable,
-                param_space=param_space(spec),
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                param_space=space,
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=samples,
                                             max_concurrent_trials=spec.max_concurrent_trials, scheduler=sched),
-                run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0 if quiet else 1,
+                run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0,
                                           sync_config=tune.SyncConfig(sync_artifacts=True),
-                                          callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]),
+                                          callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *lines]),
             )
-        with _no_tune_tensorboard():
+        with _no_tune_tensorboard(), tune_space.quiet_tune_output():
             grid = tuner.fit()
     finally:
         if owns and ray.is_initialized():

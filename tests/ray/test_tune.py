@@ -32,10 +32,15 @@ def reports(trial: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
-def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path):
+def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path, capfd):
     spec = T.load_spec(TINY, [f"data.cache_dir={tmp_path / 'cache'}"])
     assert spec.scheduler is not None and spec.scheduler.name == "asha"
-    res = T.search(spec, storage=str(tmp_path / "store"), quiet=True)
+    capfd.readouterr()
+    res = T.search(spec, storage=str(tmp_path / "store"))
+    out, err = capfd.readouterr()
+    lines = out.splitlines()  # one line per trial, no Tune status tables (there were 143 lines)
+    assert len(lines) == 4 and all(ln.startswith(f"trial {i}/4 done: accuracy ") for i, ln in enumerate(lines, 1))
+    assert len(err.splitlines()) <= 2, err
     assert res["trials"] == 4 and res["finished"] == 4 and res["errors"] == 0 and not res["interrupted"]
     exp = Path(res["path"])
     assert exp == tmp_path / "store" / "tune_tiny" / "tune"
@@ -53,6 +58,7 @@ def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path):
             assert rows[-1]["bytes_up"] == s["bytes_up"]
         params = json.loads((t / "params.json").read_text())
         finals[(params["train.lr"], params["server.clients_per_round"])] = rows[-1]["accuracy"]
+    assert len(finals) == 4  # 2 grid values x 2 samples of a 2-value choice: every combination once
     assert res["best_metrics"]["accuracy"] == pytest.approx(max(finals.values()))
     # TensorBoard sees fedray's runs only: no event files of Tune's own logger in the trial folders
     events = sorted(exp.rglob("events.out.tfevents.*"))
