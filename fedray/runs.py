@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 __all__ = ["IGNORED", "config_hash", "folder_name", "parse", "attempts", "previous", "next_free", "load_summary",
-           "choose"]
+           "choose", "place"]
 
 # fields that do not change a run's numbers: where it writes, how it reports, where Ray runs it,
 # how many actors share the work (results are identical for any count) and how failures are retried
