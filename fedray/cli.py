@@ -1,4 +1,4 @@
-"""``fedray run | tune | compare | submit | report``.
+"""fedray: federated learning on Ray -- run, tune, compare, submit, report, list, describe.
 
 A user mistake prints one line (``config error: field: ...``) and exits 2;
 it never shows a traceback.
@@ -40,8 +40,18 @@ def cmd_run(args) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, out_dir=args.out))
+    resume = bool(args.resume)
+    if not resume:
+        from fedray import runs
+
+        action, run_dir = runs.place(cfg, args.rerun)
+        if action == "completed":
+            if storage:
+                print(f"stored: {store_run(run_dir, storage)}")
+            return 0
+        resume = action == "resume"
     try:
-        s = run(cfg, progress=not args.quiet and cfg.runtime.progress, run_dir=run_dir, resume=bool(args.resume))
+        s = run(cfg, progress=not args.quiet and cfg.runtime.progress, run_dir=run_dir, resume=resume)
     except BaseException:  # an interrupted or failed run is stored too: its folder is what resumes it
         folder = run_dir or cfg.run_dir
         if storage and (Path(folder) / "config.yaml").is_file():
@@ -72,13 +82,28 @@ def _resume_folder(where: str) -> Path:
     return run_dir
 
 
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray in the driver of every Ray job (``ray job submit``, ``fedray submit``)."""
+JOB_STORAGE = "~/fedray-runs"
+"""Where a run inside a Ray job without ``--storage`` or ``--out`` is stored: the job's working
+directory is a temporary folder that Ray deletes, so ``runs/`` there would be lost."""
+
+
 def _storage(args) -> str | None:
-    """``--storage`` checked (and a local path made absolute) before any work starts."""
-    if not getattr(args, "storage", None):
-        return None
+    """``--storage`` checked (and a local path made absolute) before any work starts; inside a
+    Ray job without ``--storage`` (or ``--out``) the durable :data:`JOB_STORAGE`, said in the log."""
+    import os
+
     from fedray.storage import normalize
 
-    return normalize(args.storage)
+    if getattr(args, "storage", None):
+        return normalize(args.storage)
+    if JOB_ENV in os.environ and not getattr(args, "out", None):
+        where = normalize(str(Path(JOB_STORAGE).expanduser()))
+        print(f"fedray: inside a Ray job without --storage: results are stored in {where} on this node "
+              "(the job's working directory is temporary); give --storage to choose", file=sys.stderr)
+        return where
+    return None
 
 
 def cmd_tune(args) -> int:
@@ -100,10 +125,12 @@ def cmd_tune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from fedray import compare
+    from fedray import comparison as compare
 
     plan = compare.plan(args.config, args.set, out=args.out)
-    res = compare.run(plan, progress=not args.quiet, storage=_storage(args))
+    res = compare.run(plan, progress=not args.quiet, storage=_storage(args), rerun=args.rerun)
+    if res["reused"]:
+        print(f"{res['reused']} of {len(plan.runs)} runs were completed already and read back (--rerun: train all)")
     print(res["report"]["table"], end="")
     print(f"report: {res['report']['markdown']}  (tensorboard --logdir {plan.exp_dir})")
     if res["stored"]:
@@ -129,12 +156,44 @@ def cmd_report(args) -> int:
 
     res = report.write_report(args.runs_dir, args.out)
     print(res["table"], end="")
-    print(f"report: {res['markdown']} ({res['runs']} runs)")
+    print(f"report: {res['markdown']}, {res['html']} ({res['runs']} runs)")
     return 0
 
 
+def cmd_list(args) -> int:
+    from fedray import discover
+
+    print(discover.list_text(args.kind, args.imports), end="")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from fedray import discover
+
+    print(discover.describe(args.name), end="")
+    return 0
+
+
+def add_discover(p: argparse.ArgumentParser, sub) -> None:
+    """``--version``, ``list`` and ``describe`` (:mod:`fedray.discover`)."""
+    from fedray import discover
+
+    p.add_argument("--version", action="version", version=f"fedray {discover.version()}")
+    ls = sub.add_parser("list", help="list the methods, models, data sets or robust rules (defenses) there are")
+    ls.add_argument("kind", choices=discover.KINDS)
+    ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import your own module first (its registrations and Method classes are listed)")
+    ls.set_defaults(func=cmd_list)
+    d = sub.add_parser("describe", help="a method's parameters (types, defaults, meaning) and paper, "
+                       "or the fields of a config section (e.g. train, defense)")
+    d.add_argument("name", help="a method name, an import path 'package.module:Method', or a config section")
+    d.set_defaults(func=cmd_describe)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedray", description=__doc__.splitlines()[0])
+    from fedray.discover import plain
+
+    p = argparse.ArgumentParser(prog="fedray", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one experiment (default: configs/quickstart.yaml)")
     r.add_argument("config", nargs="?", help="YAML config")
@@ -143,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--storage", help="also copy the run folder here (path or pyarrow.fs URI, e.g. s3://bucket/runs)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    r.add_argument("--rerun", action="store_true", help="train again although this config has a completed run "
+                   "(in a new folder <run>-r2, -r3...)")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("tune", help="Ray Tune search over config fields (tune: section)")
@@ -150,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     t.add_argument("--storage", help="where the search lives (path or pyarrow.fs URI; default runtime.out_dir)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
-    t.add_argument("--quiet", action="store_true", help="no Tune status tables")
+    t.add_argument("--quiet", action="store_true", help="no line per finished trial, only the best")
     t.set_defaults(func=cmd_tune)
 
     c = sub.add_parser("compare", help="methods x seeds on the same data, devices and seeds (compare: section)")
@@ -159,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default runtime.out_dir)")
     c.add_argument("--storage", help="also copy the experiment folder here (path or pyarrow.fs URI)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--rerun", action="store_true", help="train every run again (new -r<n> folders), not only "
+                   "the ones without a completed run")
     c.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("submit", help="submit run/tune/compare to a Ray cluster as a Ray job")
@@ -176,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     rp = sub.add_parser("report", help="rebuild the table and plots from run folders")
-    rp.add_argument("runs_dir", help="folder with <method>-s<seed>/ run folders (searched recursively)")
+    rp.add_argument("runs_dir", help="folder with <method>-s<seed>-<hash>/ run folders (searched recursively)")
     rp.add_argument("--out", help="report folder (default RUNS_DIR/report)")
     rp.set_defaults(func=cmd_report)
+    add_discover(p, sub)
     return p
 
 

@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from fedray import config_hints, runs
 from fedray.errors import ConfigError
-
 from fedray.params import FRACTION, NONNEG, POS, UNIT, UNIT_POS, _f, build  # noqa: F401 (field helpers)
 from fedray.security import AttackConfig, DefenseConfig, PrivacyConfig
 
@@ -190,8 +190,8 @@ class ExperimentConfig:
     privacy: PrivacyConfig = _f(factory=PrivacyConfig)
 
     @property
-    def run_name(self) -> str:
-        return f"{self.method.name.replace(':', '.')}-s{self.seed}"  # an import path's colon: a dot
+    def run_name(self) -> str:  # <method>-s<seed>-<config hash> (fedray.runs)
+        return runs.folder_name(self.method.name, self.seed, runs.config_hash(to_dict(self)))
 
     @property
     def run_dir(self) -> Path:
@@ -277,10 +277,11 @@ def from_dict(data: Mapping, overrides: list[str] | tuple[str, ...] = ()) -> Exp
     """Validate a raw mapping (plus ``key=value`` overrides) into an ExperimentConfig."""
     import copy
 
-    data = copy.deepcopy(dict(data))
+    raw, data = data, copy.deepcopy(dict(data))
     for text in overrides:
         key, value = parse_override(text)
         set_path(data, key, value)
+    config_hints.drop_foreign_model_options(raw.get("model"), data, [parse_override(t)[0] for t in overrides])
     method_raw = data.get("method", {}) or {}
     if isinstance(method_raw, str):
         method_raw = {"name": method_raw}
@@ -301,7 +302,7 @@ def _build_method(raw: Mapping) -> MethodConfig:
         raise ConfigError("method.name", f"must be a string, got {name!r}")
     spec = registry.get(name)
     params = {k: v for k, v in raw.items() if k != "name"}
-    return MethodConfig(name=name, params=build(spec.Params, params, "method"))
+    return MethodConfig(name=name, params=config_hints.method_params(spec, name, params))
 
 
 def _check_cross(cfg: ExperimentConfig) -> None:

@@ -126,7 +126,8 @@ def build(cls, data: Mapping | None, path: str = ""):
     for key in data:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(where, f"unknown key (known: {', '.join(sorted(fields))})")
+            known = f"known: {', '.join(sorted(fields))}" if fields else f"'{path or '<root>'}' takes no keys"
+            raise ConfigError(where, f"unknown key ({known})")
     kwargs = {}
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name

@@ -5,13 +5,18 @@ No retraining: everything comes from each run's ``summary.json``,
 
 Conventions:
 
-- A *run folder* is a folder named ``<label>-s<seed>`` holding ``summary.json``
-  (what ``fedray run`` and ``fedray compare`` write). Folders with other names
-  (for example the ``run/`` folders inside Tune trials) are not runs of a
-  comparison and are skipped.
-- Runs are grouped by (experiment, label); the label is the folder name
-  without its ``-s<seed>`` suffix (the method name, or the ``label`` a compare
-  config gave a method entry).
+- A *run folder* is a folder named ``<label>-s<seed>-<hash>`` (``-r<n>`` after it
+  for a re-run; older fedray wrote ``<label>-s<seed>``) holding ``summary.json``
+  (what ``fedray run`` and ``fedray compare`` write, see :mod:`fedray.runs`).
+  Folders with other names (for example the ``run/`` folders inside Tune
+  trials) are not runs of a comparison and are skipped.
+- Runs are grouped by (experiment, label, config): the label is the method name
+  or the ``label`` a compare config gave a method entry, the config is the hash
+  of the run's ``config.yaml`` without its seed (:func:`fedray.runs.config_hash`;
+  the folder name's hash when there is no ``config.yaml``), so runs that differ in
+  anything but the seed are separate rows; rows that share a label are told apart
+  by the config fields they differ in (``fedavg (train.lr=0.1)``). Of several
+  runs of one config and seed (re-runs) the latest completed one counts.
 - A cell is ``mean ± std`` over the group's seeds; std is the sample standard
   deviation (ddof=1), omitted for a single seed. Keys a summary lacks (or
   holds as null/NaN) are left out of the mean; a metric no run has is ``—``.
@@ -20,24 +25,27 @@ Conventions:
   accuracy >= ``server.target_accuracy`` of the run's ``config.yaml``. Seeds
   that never reach it are excluded from the mean and counted: ``12.3 ± 1.0
   (2/3 reached)``; ``not reached`` when none did; ``—`` without a target.
-- Plots: one line per run (colour per label) of evaluation accuracy against
-  virtual seconds, cumulative bytes (up + down) and cumulative training FLOPs,
-  all read from ``metrics.parquet`` in event order.
+- Plots (:mod:`fedray.report_plots`): evaluation accuracy against virtual
+  seconds, cumulative bytes (up + down) and cumulative training FLOPs, all read
+  from ``metrics.parquet`` in event order; per label the mean over its seeds
+  with a min–max band, one colour per label, axes in human units, titled.
+- ``report.html`` (:mod:`fedray.report_html`): the same table and plots in one
+  file with the images inlined (no external resources; opens offline).
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fedray import report_html, report_plots
+from fedray import runs as RUNS
 from fedray.errors import DataError
 
-RUN_NAME = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 DASH = "—"
 
 # (column title, summary key, value kind)
@@ -63,6 +71,8 @@ class RunRecord:
     seed: int
     summary: dict
     config: dict = field(default_factory=dict)
+    config_hash: str | None = None
+    rerun: int = 1
 
     @property
     def method(self) -> str:
@@ -123,7 +133,7 @@ def find_runs(root: str | Path) -> list[RunRecord]:
     out = []
     for s in sorted(root.rglob("summary.json")):
         d = s.parent
-        m = RUN_NAME.match(d.name)
+        m = RUNS.parse(d.name)
         if not m:
             continue
         try:
@@ -138,16 +148,52 @@ def find_runs(root: str | Path) -> list[RunRecord]:
             except yaml.YAMLError:
                 raise DataError(f"'{cp}' is not valid YAML") from None
         exp = str(summary.get("experiment") or cfg.get("experiment") or d.parent.name)
-        out.append(RunRecord(d, exp, m.group("label"), int(m.group("seed")), summary, cfg))
-    out.sort(key=lambda r: (r.experiment, r.label, r.seed))
+        digest = RUNS.config_hash(cfg) if cfg else m["hash"]
+        out.append(RunRecord(d, exp, m["label"], m["seed"], summary, cfg, digest, m["rerun"]))
+    out.sort(key=lambda r: (r.experiment, r.label, r.config_hash or "", r.seed, r.rerun))
+    return latest(out)
+
+
+def latest(records: list[RunRecord]) -> list[RunRecord]:
+    """One run per (experiment, label, config, seed): the latest completed one, else the latest."""
+    best: dict[tuple, RunRecord] = {}
+    for r in records:
+        key = (r.experiment, r.label, r.config_hash, r.seed)
+        old = best.get(key)
+        if old is None or (r.summary.get("status", "completed") == "completed",
+                           r.rerun) >= (old.summary.get("status", "completed") == "completed", old.rerun):
+            best[key] = r
+    keep = {id(r) for r in best.values()}
+    return [r for r in records if id(r) in keep]
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif f"{prefix}{k}" not in ("seed", "experiment"):
+            out[f"{prefix}{k}"] = v
     return out
 
 
 def group(records: list[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
-    """(experiment, label) -> its runs, in first-seen order."""
-    out: dict[tuple[str, str], list[RunRecord]] = {}
+    """(experiment, shown label) -> its runs (one config, its seeds), in first-seen order. A label
+    that several configs share gets the fields they differ in (at most 3) or their hash appended."""
+    by_cfg: dict[tuple, list[RunRecord]] = {}
     for r in records:
-        out.setdefault((r.experiment, r.label), []).append(r)
+        by_cfg.setdefault((r.experiment, r.label, r.config_hash), []).append(r)
+    out: dict[tuple[str, str], list[RunRecord]] = {}
+    for (exp, label, digest), runs in by_cfg.items():
+        rivals = [v[0] for (e, lb, _), v in by_cfg.items() if (e, lb) == (exp, label)]
+        name = label
+        if len(rivals) > 1:
+            flats = [_flat(x.config) for x in rivals]
+            mine = _flat(runs[0].config)
+            keys = sorted(k for k in set().union(*flats) if len({repr(f.get(k)) for f in flats}) > 1)
+            shown = ", ".join(f"{k}={mine.get(k)}" for k in keys[:3])
+            name = f"{label} ({shown or digest})"
+        out[(exp, name)] = runs
     return out
 
 
@@ -204,16 +250,24 @@ def aggregate(records: list[RunRecord]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    """The Markdown table (one row per method label)."""
+def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The table as text cells: (header, one list of cells per method label)."""
     many = len({r["experiment"] for r in rows}) > 1
     head = (["experiment"] if many else []) + ["method", "seeds"] + [c[0] for c in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
     for r in rows:
         cells = ([r["experiment"]] if many else []) + [r["label"], str(len(r["seeds"]))]
         for _, key, kind in COLUMNS:
             cells.append(cell(r["values"][key], kind, target_known=r["target_known"]))
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    return head, body
+
+
+def markdown(rows: list[dict]) -> str:
+    """The Markdown table (one row per method label)."""
+    head, body = table_cells(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
 
 
@@ -254,44 +308,12 @@ def curves(rec: RunRecord) -> dict[str, np.ndarray]:
             "train_flops": np.cumsum(flops)[is_eval]}
 
 
-PLOTS = (("virtual_s", "virtual time (s)", "accuracy_vs_virtual_time.png"),
-         ("bytes", "bytes up + down", "accuracy_vs_bytes.png"),
-         ("train_flops", "training FLOPs", "accuracy_vs_flops.png"))
-
-
 def plot(records: list[RunRecord], out: Path) -> list[Path]:
-    """Three PNGs (accuracy vs virtual time, vs bytes, vs FLOPs); one line per run, one colour per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = group(records)
+    """The three PNGs of :mod:`fedray.report_plots` (mean and min–max band over seeds per label)."""
     many = len({r.experiment for r in records}) > 1
-    data = {id(r): curves(r) for r in records}
-    paths = []
-    for xkey, xlabel, fname in PLOTS:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for i, ((exp, label), runs) in enumerate(groups.items()):
-            color = f"C{i % 10}"
-            name = f"{exp}/{label}" if many else label
-            for j, r in enumerate(runs):
-                c = data[id(r)]
-                if not c or len(c["accuracy"]) == 0:
-                    continue
-                ax.plot(c[xkey], c["accuracy"], color=color, alpha=0.85, lw=1.4, marker="." if len(c[xkey]) < 3 else None,
-                        label=name if j == 0 else None)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / fname
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    return paths
+    groups = {(f"{exp}/{label}" if many else label): [curves(r) for r in runs]
+              for (exp, label), runs in group(records).items()}
+    return report_plots.plot(groups, sorted({r.experiment for r in records}), out)
 
 
 def write_report(root: str | Path, out: str | Path | None = None, *, only=None) -> dict:
@@ -303,18 +325,25 @@ def write_report(root: str | Path, out: str | Path | None = None, *, only=None) 
         keep = {Path(x).resolve() for x in only}
         records = [r for r in records if r.path.resolve() in keep]
     if not records:
-        raise DataError(f"no run folders (<method>-s<seed>/summary.json) under '{root}'")
+        raise DataError(f"no run folders (<method>-s<seed>-<hash>/summary.json) under '{root}'")
     out = Path(out) if out is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)
     table = markdown(rows)
     plots = plot(records, out)
     exps = sorted({r.experiment for r in records})
-    md = [f"# fedray report: {', '.join(exps)}", "",
-          f"{len(records)} runs from `{root}`; mean ± std over seeds (sample std).", "", table]
+    title = f"fedray report: {', '.join(exps)}"
+    intro = f"{len(records)} runs from {root}; table cells are mean ± std over seeds (sample std)."
+    md = [f"# {title}", "", intro.replace(str(root), f"`{root}`"), "", table]
+    glossary = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+    md += ["Every metric (SDIR, time to target, sparse FLOPs, energy, ...) is explained in "
+           f"[docs/metrics.md]({glossary}).", ""]
     for p in plots:
         md += [f"![{p.stem}]({p.name})", ""]
+    md += [f"Plots: the mean over seeds per method; {report_plots.BAND}.", ""]
     (out / "report.md").write_text("\n".join(md))
     write_csv(rows, out / "report.csv")
-    return {"dir": out, "markdown": out / "report.md", "csv": out / "report.csv", "plots": plots, "rows": rows,
-            "table": table, "runs": len(records)}
+    page = report_html.write(out / "report.html", title, intro, *table_cells(rows), plots,
+                             f"Mean over seeds per method; {report_plots.BAND}.")
+    return {"dir": out, "markdown": out / "report.md", "csv": out / "report.csv", "html": page, "plots": plots,
+            "rows": rows, "table": table, "runs": len(records)}

@@ -15,8 +15,8 @@ Conventions:
   ``pyarrow.fs`` URI, laid out like ``runtime.out_dir``). For a head on this
   machine the default is the absolute path of this caller's
   ``runtime.out_dir``, so the run folder is there when the command returns.
-  For a remote head without ``--storage`` the results stay in the job's working
-  directory on the cluster (a warning says so).
+  For a remote head without ``--storage`` the job stores them in ``~/fedray-runs``
+  on the head (a warning says so; see ``fedray.cli.JOB_STORAGE``).
 - Authentication: Ray's token authentication is handled by Ray's client:
   with ``RAY_AUTH_MODE=token`` the token comes from ``RAY_AUTH_TOKEN`` or
   ``~/.ray/auth_token``. A refused request is one line, exit code 2.
@@ -88,7 +88,7 @@ def validate(command: str, config_path: str, overrides) -> "object":
 
         return C.load(config_path, overrides)
     if command == "compare":
-        from fedray import compare
+        from fedray import comparison as compare
 
         return compare.plan(config_path, overrides).base
     from fedray import tune
@@ -147,19 +147,49 @@ def runtime_env(working_dir: str | Path, env_file: str | Path | None = None) -> 
     return env
 
 
+CLIENT_LOGS = ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
+               "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
+"""Loggers of Ray's job client: a dozen INFO/WARNING lines per submission about packaging the
+working directory (which files are ignored, the package name, the closed log stream)."""
+
+
+@contextlib.contextmanager
+def quiet_client_logs():
+    """Only errors from Ray's job-client loggers while fedray submits and follows a job (its own
+    ``submitted ...`` line says what was uploaded)."""
+    import importlib
+    import logging
+
+    for name in CLIENT_LOGS:  # imported first: two of them set their own level when imported
+        importlib.import_module(name)
+    loggers = [logging.getLogger(n) for n in CLIENT_LOGS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's whole text on one line (Ray's messages span paragraphs)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def client(address: str):
     """A JobSubmissionClient; an unreachable or refusing head is one FedrayError line."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # ConnectionError, auth RuntimeError, bad URL...
-        text = " ".join(str(e).split()) or type(e).__name__
-        if "401" in text or "403" in text or "uthentication" in text:
-            raise FedrayError(f"the Ray cluster at {address} refused the request ({text[:200]}); with token "
-                              "authentication set RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token "
-                              "or RAY_AUTH_TOKEN") from None
-        raise FedrayError(f"cannot reach the Ray job server at {address}: {text[:200]}") from None
+        text = one_line(e)
+        if isinstance(e, AuthenticationError) or "401" in text or "403" in text or "uthentication" in text:
+            raise FedrayError(f"the Ray cluster at {address} refused the request: {text}") from None
+        raise FedrayError(f"cannot reach the Ray job server at {address}: {text}") from None
 
 
 def follow(c, job_id: str, out=None) -> str:
@@ -207,9 +237,16 @@ def submit(address: str, config_path: str, *, overrides=(), storage: str | None 
         storage = S.normalize(storage)
     elif is_local_address(address):
         storage = str(Path(base.runtime.out_dir).resolve())
+    with quiet_client_logs():
+        return _submit(address, command, wd, config_rel, base, overrides, storage, env_file, wait, resume, out)
+
+
+def _submit(address, command, wd, config_rel, base, overrides, storage, env_file, wait, resume, out) -> dict:
+    from fedray import storage as S
+
     c = client(address)
     if storage is None:
-        print(f"warning: no --storage given; results stay in the job's working directory on {address}",
+        print(f"warning: no --storage given; results are stored in ~/fedray-runs on the head of {address}",
               file=sys.stderr)
     run_path = None
     if resume and command == "run":  # the interrupted run's folder, as the job stored it
@@ -226,8 +263,7 @@ def submit(address: str, config_path: str, *, overrides=(), storage: str | None 
     try:
         job_id = c.submit_job(entrypoint=ep, runtime_env=runtime_env(wd, env_file))
     except Exception as e:
-        text = " ".join(str(e).split()) or type(e).__name__
-        raise FedrayError(f"job submission to {address} failed: {text[:300]}") from None
-    print(f"submitted {job_id}: {ep}", file=sys.stderr)
+        raise FedrayError(f"job submission to {address} failed: {one_line(e)}") from None
+    print(f"submitted {job_id} (working directory {wd} uploaded): {ep}", file=sys.stderr)
     status = follow(c, job_id, out) if wait else None
     return {"job_id": job_id, "status": status, "storage": storage, "entrypoint": ep}

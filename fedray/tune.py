@@ -5,7 +5,8 @@ A tune config is a normal experiment config plus a ``tune:`` section::
     tune:
       metric: accuracy          # accuracy (max) or loss (min), as reported after each evaluation
       mode: max
-      num_samples: 4            # samples of the random domains; grids are crossed with it (Tune's rule)
+      num_samples: 4            # samples of the other domains per grid point (Tune's rule); a space of
+                                # grid/choice only draws distinct combinations (fedray.tune_space)
       max_concurrent_trials: 2  # optional
       driver_cpus: 0.5          # CPUs of the trial's driver loop (the first placement-group bundle)
       scheduler: {name: asha, time_attr: version, max_t: 20, grace_period: 2, reduction_factor: 2}
@@ -46,6 +47,8 @@ Conventions:
   TensorBoard logs) next to Tune's own result files. ``best.yaml`` (the base
   config with the best trial's values; runnable with ``fedray run``) and
   ``results.csv`` are written into the experiment folder.
+- Console: one line per finished trial and the best at the end (no Tune status tables;
+  ``--quiet``: only the best).
 - Best trial: best ``metric`` at the trial's last report (``scope="last"``).
 - Resume: ``--resume`` restores the experiment with ``Tuner.restore``; finished
   trials are kept, unfinished ones restart from their beginning (runs are not
@@ -53,9 +56,11 @@ Conventions:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,6 +69,7 @@ import yaml
 
 from fedray import config as C
 from fedray import storage as S
+from fedray import tune_space
 from fedray.errors import ConfigError
 from fedray.devices import population
 
@@ -232,14 +238,10 @@ def load_spec(path: str | Path, overrides=()) -> TuneSpec:
 # ---------------------------------------------------------------- Ray Tune pieces
 
 
-def param_space(spec: TuneSpec) -> dict:
-    """The Tune ``param_space``: flat, keyed by field path."""
-    from ray import tune
-
-    make = {"grid": lambda a: tune.grid_search(list(a)), "choice": lambda a: tune.choice(list(a)),
-            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
-            "randint": lambda a: tune.randint(*a)}
-    return {k: make[kind](args) for k, (kind, args) in spec.space.items()}
+def param_space(spec: TuneSpec) -> tuple[dict, int]:
+    """The Tune ``param_space`` (flat, keyed by field path) and ``num_samples``: a categorical
+    space is drawn without replacement (:mod:`fedray.tune_space`)."""
+    return tune_space.param_space(spec.space, spec.num_samples, spec.cfg.seed)
 
 
 def without_own_placement(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
@@ -344,7 +346,7 @@ def make_trainable(spec: TuneSpec):
 
         from fedray.runtime.runner import Runner
 
-        cfg = C.from_dict(with_values(base, config))
+        cfg = C.from_dict(with_values(base, tune_space.field_values(config)))
         cfg = without_own_placement(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
         rep = DeferredReport(_tune.report)
         runner = Runner(cfg, run_dir=Path.cwd() / "run", progress=False, report=rep)
@@ -356,7 +358,7 @@ def make_trainable(spec: TuneSpec):
         rep.finish(summary)
 
     def resources(config):
-        return trial_resources(C.from_dict(with_values(base, config)), driver_cpus)
+        return trial_resources(C.from_dict(with_values(base, tune_space.field_values(config))), driver_cpus)
 
     return tune.with_resources(fedray_trial, resources)
 
@@ -385,11 +387,29 @@ def _write_text(dest: str, text: str) -> None:
         f.write(text.encode())
 
 
+@contextlib.contextmanager
+def _no_tune_tensorboard():
+    """Tune's own loggers without its TensorBoard one: its event files (one per trial, in the trial
+    folder) would show up as extra runs beside each trial's ``run/tb`` under ``tensorboard --logdir
+    runs``. Tune adds that logger unless ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` is ``1`` when the
+    search starts (the CSV and JSON loggers are then passed explicitly)."""
+    key, old = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, quiet: bool = False) -> dict:
     """Run (or resume) the search. Returns ``{"path", "best_path", "best_values", "best_metrics",
     "trials", "finished", "interrupted"}``; on interruption no best config is written."""
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     from fedray.runtime import cluster
@@ -413,15 +433,20 @@ def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, 
                 sched = ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
                                       reduction_factor=s.reduction_factor)
             parent, name = path.rsplit("/", 1)
+            space, samples = param_space(spec)
+            lines = [] if quiet else [tune_space.trial_lines(
+                list(spec.space), spec.metric, tune_space.trial_count(spec.space, spec.num_samples))]
             tuner = tune.Tuner(
                 trainable,
-                param_space=param_space(spec),
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                param_space=space,
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=samples,
                                             max_concurrent_trials=spec.max_concurrent_trials, scheduler=sched),
-                run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0 if quiet else 1,
-                                          sync_config=tune.SyncConfig(sync_artifacts=True)),
+                run_config=tune.RunConfig(name=name, storage_path=parent, verbose=0,
+                                          sync_config=tune.SyncConfig(sync_artifacts=True),
+                                          callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *lines]),
             )
-        grid = tuner.fit()
+        with _no_tune_tensorboard(), tune_space.quiet_tune_output():
+            grid = tuner.fit()
     finally:
         if owns and ray.is_initialized():
             ray.shutdown()

@@ -74,3 +74,13 @@ def run_python(args: list[str], prefix: str = "RESULT ", timeout: float = 600) -
     lines = [x for x in p.stdout.splitlines() if x.startswith(prefix or "{")]  # no prefix: a JSON line
     assert p.returncode == 0 and lines, p.stdout[-2000:] + p.stderr[-4000:]
     return json.loads(lines[-1][len(prefix):])
+
+
+def run_folder(parent, label, seed=0):
+    """The one run folder of ``label`` and ``seed`` under ``parent`` (``<label>-s<seed>-<hash>``)."""
+    from pathlib import Path
+
+    found = sorted(p for p in Path(parent).glob(f"{label}-s{seed}-*") if p.is_dir() and len(p.name) ==
+                   len(f"{label}-s{seed}-") + 8)
+    assert len(found) == 1, (parent, label, seed, found)
+    return found[0]

@@ -193,7 +193,7 @@ class AutoFLIP(Method):
     """Loss-exploration guided hybrid mask, FedAvg of deltas with server momentum."""
 
     name = "autoflip"
-    paper = "AutoFLIP: loss-exploration guided hybrid pruning for federated learning (ALGORITHMS.md)"
+    paper = "AutoFLIP: loss-exploration guided hybrid pruning for federated learning"
     schedule = "sync"
     needs_spec = True
     Params = FlipParams

@@ -1,4 +1,4 @@
-"""CA-HFP: curvature-aware structured pruning with reconstruction (our reading, see ALGORITHMS.md).
+"""CA-HFP: curvature-aware structured pruning with reconstruction (our reading of the abstract, below).
 
 Each client ``k`` has a keep ratio ``r_k``:
 
@@ -139,7 +139,7 @@ class CAHFP(Method):
     """Curvature-scored structured pruning, physically smaller client models, reconstruction."""
 
     name = "cahfp"
-    paper = "CA-HFP: curvature-aware heterogeneous federated pruning (abstract only; our reading, ALGORITHMS.md)"
+    paper = "CA-HFP: curvature-aware heterogeneous federated pruning (only the abstract is public; our reading: this module)"
     schedule = "sync"
     feedback = False
     needs_spec = True

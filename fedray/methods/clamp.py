@@ -237,7 +237,7 @@ class Clamp(Method):
     """CLAMP: adaptive depth per client; the server averages only the common depth."""
 
     name = "clamp"
-    paper = "CLAMP: depth pruning for stragglers (ALGORITHMS.md)"
+    paper = "CLAMP: depth pruning for stragglers"
     schedule = "sync"
     needs_spec = True
     Params = ClampParams
@@ -251,7 +251,7 @@ class MaClamp(Clamp):
     trained it when they are at least ``max(1, floor(rho |S|))``; BN statistics over all of S."""
 
     name = "ma_clamp"
-    paper = "MA-CLAMP: participation-threshold aggregation for depth-pruned stragglers (ALGORITHMS.md)"
+    paper = "MA-CLAMP: participation-threshold aggregation for depth-pruned stragglers"
     Planner = MaClampPlanner
     Server = MaClampServer
 
@@ -283,7 +283,7 @@ class FedPMT(Method):
     """FedPMT: every client trains the same fixed number of last layers."""
 
     name = "fedpmt"
-    paper = "FedPMT: static-depth partial model training (ALGORITHMS.md)"
+    paper = "FedPMT: static-depth partial model training"
     schedule = "sync"
     feedback = False
     needs_spec = True
@@ -300,7 +300,7 @@ class FedDrop(Method):
     """FedDrop: a depth drawn uniformly from ``1..L`` for every dispatch."""
 
     name = "feddrop"
-    paper = "FedDrop: random-depth partial model training (ALGORITHMS.md)"
+    paper = "FedDrop: random-depth partial model training"
     schedule = "sync"
     feedback = False
     needs_spec = True

@@ -1,7 +1,7 @@
 """Deadline FedAvg ("exclude stragglers"): synchronous FedAvg whose rounds end
 at a deadline; updates that would arrive later are dropped.
 
-Our reading of ALGORITHMS.md: the deadline of a round is ``deadline_factor x``
+Our reading of the baseline: the deadline of a round is ``deadline_factor x``
 the median of the *predicted* round times (download + compute + upload, from
 the one cost model) of the clients dispatched in that round, measured from the
 round start. The loop marks the later clients ``late`` at dispatch: their

@@ -329,7 +329,7 @@ class PRFL(Method):
     over a per-client cache, residual-split download."""
 
     name = "prfl"
-    paper = "PR-FL: progressive pruning and recovery for buffered asynchronous FL (the authors' code; ALGORITHMS.md)"
+    paper = "PR-FL: progressive pruning and recovery for buffered asynchronous FL (as in the authors' code; our choices: this module)"
     schedule = "interval"
     needs_spec = True
     Params = PRFLParams

@@ -1,6 +1,6 @@
 """Metric definitions shared by every method (computed from the event table).
 
-SDIR (slow-device inclusion ratio, ALGORITHMS.md): a device is *slow* when
+SDIR (slow-device inclusion ratio; every metric is explained in docs/metrics.md): a device is *slow* when
 its speed factor is below 0.8. Each dispatch is resolved in an aggregation
 *window* (the model version the server had when the update arrived, was
 dropped or was discarded). Per window: the fraction of the slow devices'

@@ -70,6 +70,9 @@ TAGS = ("eval/accuracy", "eval/loss", "cost/bytes_up", "cost/bytes_down", "cost/
 
 PART = "part-{:06d}.parquet"
 
+# what a fresh run removes from its folder before it starts (with the earlier parts and event files)
+STALE = ("summary.json", "config.yaml", "model.npz")
+
 
 def _inferred(values: list) -> pa.DataType:
     t = pa.array(values).type if values else pa.float64()
@@ -101,6 +104,10 @@ class Recorder:
         self.path = self.dir / "metrics.parquet"
         if self.path.is_file():  # a single-file table of an older fedray: this run replaces it
             self.path.unlink()
+        if resume_parts is None:  # a fresh run: nothing of an earlier run in this folder stays beside its rows
+            stale = [self.dir / n for n in STALE] + sorted((self.dir / "tb").glob("events.out.tfevents.*"))
+            for p in stale:
+                p.unlink(missing_ok=True)
         self.path.mkdir(exist_ok=True)
         existing = parts(self.path)
         keep = 0 if resume_parts is None else resume_parts
@@ -171,8 +178,11 @@ class Recorder:
 
     # ------------------------------------------------------------ TensorBoard
     def scalars(self, step: int, values: Mapping[str, float], *, virtual_s: float | None = None) -> None:
-        """Scalars at aggregation ``step``; with ``virtual_s`` each tag is also
-        written as ``<tag>@virtual_s`` with the virtual second as its step."""
+        """Scalars at aggregation ``step``; with ``virtual_s`` each tag is also written as
+        ``<tag>@virtual_s``: the same step, and the virtual second (exact, not rounded) as its time,
+        so TensorBoard's *Relative* horizontal axis plots it against virtual time (from the first
+        point; *Wall* shows the virtual clock as a date from 1970-01-01 00:00:00). A step, unlike a
+        time, is what a resumed run's purge of events after its checkpoint goes by."""
         if self.writer is None:
             return
         for tag, v in values.items():
@@ -180,7 +190,23 @@ class Recorder:
                 continue
             self.writer.add_scalar(tag, float(v), int(step))
             if virtual_s is not None:
-                self.writer.add_scalar(f"{tag}@virtual_s", float(v), int(round(virtual_s)))
+                self.writer.add_scalar(f"{tag}@virtual_s", float(v), int(step), walltime=float(virtual_s))
+
+    def hparams(self, hp: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """One HParams session (``hp``, with ``metrics`` written as scalars at step 0)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        for part in hparams(dict(hp), dict(metrics)):
+            self.writer.file_writer.add_summary(part)
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, 0)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A Markdown text summary (TensorBoard's Text tab)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, text, int(step))
 
     def histogram(self, tag: str, values: Iterable[float], step: int) -> None:
         values = list(values)

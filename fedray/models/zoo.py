@@ -99,7 +99,8 @@ def _scaled(c: int, width: float) -> int:
     return max(1, int(round(c * width)))
 
 
-def _check_options(name: str, options: Mapping[str, Any], allowed: Sequence[str]) -> None:
+def _check_options(name: str, options: Mapping[str, Any]) -> None:
+    allowed = OPTIONS[name]
     for key in options:
         if key not in allowed and key not in _COMMON_OPTIONS:
             choices = ", ".join(sorted(set(allowed) | set(_COMMON_OPTIONS)))
@@ -154,7 +155,7 @@ class MLP(nn.Module):
 
 
 def _build_mlp(input_shape, num_classes, options) -> nn.Module:
-    _check_options("mlp", options, ("hidden",))
+    _check_options("mlp", options)
     hidden = _int_list(options.get("hidden", [128]), "model.options.hidden", allow_empty=True)
     widths = _widths(options, {f"layers.{i}": h for i, h in enumerate(hidden)})
     in_features = math.prod(int(s) for s in input_shape)
@@ -199,7 +200,7 @@ class CNN(nn.Module):
 
 
 def _build_cnn(input_shape, num_classes, options) -> nn.Module:
-    _check_options("cnn", options, ("channels", "hidden"))
+    _check_options("cnn", options)
     shape = _image_shape(input_shape, "cnn")
     channels = _int_list(options.get("channels", [32, 64]), "model.options.channels", allow_empty=True)
     hidden = _int_list(options.get("hidden", 128), "model.options.hidden", allow_empty=True)
@@ -262,7 +263,7 @@ class VGG(nn.Module):
 
 
 def _build_vgg11(input_shape, num_classes, options) -> nn.Module:
-    _check_options("vgg11", options, ("batch_norm", "width"))
+    _check_options("vgg11", options)
     shape = _image_shape(input_shape, "vgg11")
     bn = options.get("batch_norm", True)
     if not isinstance(bn, bool):
@@ -349,7 +350,7 @@ class ResNet(nn.Module):
 
 
 def _build_resnet18(input_shape, num_classes, options) -> nn.Module:
-    _check_options("resnet18", options, ("width",))
+    _check_options("resnet18", options)
     shape = _image_shape(input_shape, "resnet18")
     width = _positive_float(options.get("width", 1.0), "model.options.width")
     stages = [_scaled(c, width) for c in (64, 128, 256, 512)]
@@ -362,6 +363,10 @@ def _build_resnet18(input_shape, num_classes, options) -> nn.Module:
 # --------------------------------------------------------------------------- registry
 
 Builder = Callable[[tuple[int, ...], int, Mapping[str, Any]], nn.Module]
+
+# each model's own options (besides the common ``widths`` and ``width_ratio``)
+OPTIONS: dict[str, tuple[str, ...]] = {"mlp": ("hidden",), "cnn": ("channels", "hidden"),
+                                       "vgg11": ("batch_norm", "width"), "resnet18": ("width",)}
 
 MODELS: dict[str, Builder] = {
     "mlp": _build_mlp,

@@ -1,7 +1,7 @@
 """CA-HFP: curvature-aware structured pruning and reconstruction.
 
 Only the abstract of CA-HFP is public; this module is our interpretation
-(see ALGORITHMS.md):
+(the steps below; :mod:`fedray.methods.cahfp` composes them):
 
 1. :func:`fisher_and_grad`: on a few mini-batches, ``g`` = mean of the
    per-batch gradients and ``h`` = mean of the squared per-batch gradients

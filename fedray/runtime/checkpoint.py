@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from fedray import storage as S
 
-__all__ = ["AggregatorLost", "dumps", "loads", "save", "load", "exists", "config_digest", "FILE"]
+__all__ = ["AggregatorLost", "dumps", "loads", "save", "load", "exists", "config_digest", "of_run", "FILE"]
 
 FILE = "state.pkl"
 FORMAT = 1
@@ -65,6 +65,11 @@ def save(where: str, blob: bytes) -> int:
         f.write(blob)
     fs.move(tmp, final)
     return len(blob)
+
+
+def of_run(checkpoint_dir: str | None, run_dir) -> str:
+    """Where a run's checkpoints go: ``runtime.checkpoint_dir``, else ``<run folder>/checkpoint``."""
+    return checkpoint_dir or str(run_dir / "checkpoint")
 
 
 def exists(where: str) -> bool:

@@ -30,6 +30,60 @@ def fetch_lists(refs: list) -> dict:
 
 
 
+AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
+"""Ray's warning, on every ``ray.init`` with ``RAY_AUTH_MODE`` unset, that it turned token
+authentication on: what fedray's cluster guide asks for, so it is noise. Ray's warning that
+authentication is *disabled* is kept."""
+
+
+class _DropAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(AUTH_NOTICE)
+
+
+def quiet_auth_notice() -> None:
+    """Drop :data:`AUTH_NOTICE` from Ray's log (idempotent; for ``ray.init`` and the job client)."""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropAuthNotice) for f in log.filters):
+        log.addFilter(_DropAuthNotice())
+
+
+def probe(address: str, field: str, timeout_s: float = 5.0) -> None:
+    """One clear line (a ConfigError on ``field``) when nothing listens at a Ray address.
+
+    ``ray.init(address=...)`` retries an unreachable GCS for more than ten minutes; a TCP
+    connect to the address Ray would dial (``127.0.0.1`` is dialled as this node's IP, as
+    Ray does) answers in seconds. ``auto`` and ``local`` are Ray's to resolve."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address, parse_address
+
+    address = address.strip()
+    if address in ("auto", "local"):
+        return
+    where = address[len("ray://"):] if address.startswith("ray://") else address
+    parsed = parse_address(where)
+    if parsed is None or not str(parsed[1]).isdigit():
+        raise ConfigError(field, f"{address!r} is not HOST:PORT (the head's GCS port, e.g. 10.0.0.10:6379)")
+    candidates = [(parsed[0], int(parsed[1]))]
+    if not address.startswith("ray://"):
+        try:
+            host, port = parse_address(canonicalize_bootstrap_address(where))
+            candidates.insert(0, (host, int(port)))
+        except Exception:  # resolving this node's IP failed: dial the address as given
+            pass
+    reason = ""
+    for host, port in dict.fromkeys(candidates):
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return
+        except OSError as e:
+            reason = reason or ("no answer in %g s" % timeout_s if isinstance(e, TimeoutError)
+                                else (e.strerror or type(e).__name__).lower())
+    raise ConfigError(field, f"nothing listens at {address} ({reason}): start the head there with "
+                             f"`ray start --head --port={parsed[1]}` or correct the address")
+
+
 def connect(cluster_cfg) -> bool:
     """Make sure Ray is up. Returns True when this call started it (and so owns it).
 
@@ -40,9 +94,11 @@ def connect(cluster_cfg) -> bool:
     """
     if ray.is_initialized():
         return False
+    quiet_auth_notice()
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                   configure_logging=True)
     if cluster_cfg.address:
+        probe(cluster_cfg.address, "cluster.address")
         try:
             ray.init(address=cluster_cfg.address, **kwargs)
         except Exception as e:  # unreachable address, wrong protocol, auth...
@@ -50,6 +106,7 @@ def connect(cluster_cfg) -> bool:
             raise ConfigError("cluster.address", f"cannot connect to Ray at {cluster_cfg.address!r}: {first}") from None
         return True
     if "RAY_ADDRESS" in os.environ:
+        probe(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
         ray.init(**kwargs)
         return True
     ray.init(num_cpus=cluster_cfg.num_cpus, **kwargs)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import math
+import os
+import sys
 import time
 
 import numpy as np
@@ -17,7 +19,7 @@ import numpy as np
 from fedray.aggregation.validate import REASONS
 from fedray.errors import RunStopped
 
-__all__ = ["Progress", "spread"]
+__all__ = ["Progress", "eta", "make_bar", "spread"]
 
 
 def spread(values) -> dict[str, float]:
@@ -27,6 +29,55 @@ def spread(values) -> dict[str, float]:
         return {}
     return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
             "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
+
+
+FALLBACK_SIZE = (80, 24)
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {eta}{postfix}]"
+
+
+def bar_size(stream) -> dict:
+    """tqdm's size arguments: follow the terminal's size, except where it reports 0 columns or rows
+    (a pseudo-terminal nobody sized; tqdm would hide the bar there): 80 x 24 then."""
+    try:
+        cols, rows = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        return {"dynamic_ncols": True}
+    if cols > 0 and rows > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": cols or FALLBACK_SIZE[0], "nrows": rows or FALLBACK_SIZE[1], "dynamic_ncols": False}
+
+
+def eta(mark, n: int, total: int | None, now: float) -> str:
+    """Time left from the aggregations measured since ``mark`` = (time, count) at the end of the
+    first window (setup, the first dispatches): ``--`` until one more has been measured."""
+    if mark is None or not total or n <= mark[1] or now <= mark[0]:
+        return "--"
+    from tqdm import tqdm
+
+    return tqdm.format_interval(max(total - n, 0) * (now - mark[0]) / (n - mark[1]))
+
+
+def make_bar(total: int, desc: str, unit: str, **kw):
+    """A tqdm bar (tqdm.auto: a widget in notebooks) with the ETA of :func:`eta` and the width of
+    :func:`bar_size`."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):
+        mark = None
+
+        def update(self, n=1):
+            if self.mark is None and n and not self.disable:
+                self.mark = (self._time(), self.n + n)
+            return super().update(n)
+
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            d["eta"] = eta(self.mark, d["n"], d["total"], self._time())
+            return d
+
+    stream = kw.pop("file", sys.stderr)
+    return Bar(total=total, desc=desc, unit=unit, file=stream, bar_format=BAR_FORMAT, **bar_size(stream), **kw)
 
 
 class Progress:

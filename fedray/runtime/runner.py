@@ -34,7 +34,7 @@ from fedray.privacy.accountant import Ledger
 from fedray.runtime.accounting import Accounting, Totals
 from fedray.runtime.dispatch import Dispatcher
 from fedray.runtime.pool import ActorPool
-from fedray.runtime.progress import Progress
+from fedray.runtime.progress import Progress, make_bar
 from fedray.runtime.summary import model_digest
 from fedray.runtime.schedulers import scheduler_for
 from fedray.runtime.setup import prepare
@@ -61,7 +61,7 @@ class Runner:
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.cfg.runtime.checkpoint_dir or str(self.run_dir / "checkpoint")
+        return checkpoint.of_run(self.cfg.runtime.checkpoint_dir, self.run_dir)
 
     # ------------------------------------------------------------ setup
     def _check_output(self) -> None:
@@ -319,12 +319,7 @@ class Runner:
             self.t0 = time.time()
             self.setup_s = self.t0 - t_setup
             self.accounting = Accounting(cfg, self.dispatcher, self.planner, self.recorder, self.t0)
-            bar = None
-            if self.progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=cfg.server.rounds, desc=f"{cfg.method.name} s{cfg.seed}", unit="agg",
-                           dynamic_ncols=True)
+            bar = make_bar(cfg.server.rounds, f"{cfg.method.name} s{cfg.seed}", "agg") if self.progress else None
             self.tracker = Progress(self, bar)
             self.scheduler = scheduler_for(self)
             if self.resumed is not None:

@@ -7,10 +7,13 @@ import math
 import numpy as np
 import ray
 
-from fedray.metrics import definitions
+from fedray import config as C
+from fedray import runs
+from fedray.metrics import definitions, hparams
 
 __all__ = ["write", "model_digest", "SUMMARY_TAGS"]
 
+GLOSSARY = "docs/metrics.md (SDIR, time to target, sparse FLOPs, bytes, energy, staleness...)"
 SUMMARY_TAGS = ("sdir", "sdir_layers", "slow_coverage", "time_to_target_s", "train_flops", "sparse_train_flops",
                 "flops_per_accuracy_point", "bytes_up", "bytes_down", "server_egress", "energy_j", "virtual_s")
 
@@ -42,7 +45,7 @@ def write(run, status: str, error: str | None) -> dict:
     cfg, primary = run.cfg, run.setup.task.primary
     state, tot = run.tracker.state, run.accounting.totals
     summary = {"experiment": cfg.experiment, "method": cfg.method.name, "seed": cfg.seed, "status": status,
-               "metric": primary, "run_dir": str(run.run_dir)}
+               "metric": primary, "run_dir": str(run.run_dir), "config_hash": runs.config_hash(C.to_dict(cfg))}
     if error is not None:
         summary["error"] = error
     try:
@@ -88,6 +91,14 @@ def write(run, status: str, error: str | None) -> dict:
     run.recorder.scalars(state["version"], {  # NaN where a run has no value (target never reached)
         f"summary/{k}": summary[k] if isinstance(summary.get(k), (int, float)) else math.nan
         for k in tags}, virtual_s=state["t"])
+    rows = [f"| {k} | {summary[k]:.6g} |" for k in tags if isinstance(summary.get(k), (int, float))]
+    run.recorder.text("summary", "\n".join([f"{cfg.method.name} seed {cfg.seed}: {status}", "", "| metric | value |",
+                                            "|---|---|", *rows, "", f"Every metric is explained in {GLOSSARY}."]),
+                      state["version"])
+    name = runs.parse(run.run_dir.name)  # a compare entry's label is its folder's
+    label = name["label"] if name and name["label"] != cfg.method.name.replace(":", ".") else None
+    if status == "completed":  # once: an interrupted run writes them when it completes
+        run.recorder.hparams(hparams.hparams_of(cfg, label), hparams.metrics_of(summary))
     run.recorder.close(summary)
     return summary
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.runkit import run_folder
+
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +144,7 @@ def test_submit_with_plugins_in_the_working_dir(head, tmp_path):
         cwd=caller, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout
-    run = store / "plugins_submit" / "trimmed.TrimmedMean-s0"  # an import path names its run folder with a dot
+    run = run_folder(store / "plugins_submit", "trimmed.TrimmedMean")  # an import path names its run folder with a dot
     s = json.loads((run / "summary.json").read_text())
     assert s["rounds"] == 2 and s["method"] == "trimmed:TrimmedMean" and s["metric"] == "accuracy"
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -153,5 +155,5 @@ def test_submit_with_plugins_in_the_working_dir(head, tmp_path):
          "--storage", str(store)],
         cwd=caller, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    s = json.loads((store / "plugins_regression" / "fedavg-s0" / "summary.json").read_text())
+    s = json.loads((run_folder(store / "plugins_regression", "fedavg") / "summary.json").read_text())
     assert s["metric"] == "r2" and s["final_r2"] == s["final_r2"] and s["rounds"] == 2

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.runkit import run_folder
+
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,11 +114,39 @@ def test_fedray_submit_brings_the_run_folder_back(head, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout
-    run = tmp_path / "runs" / "submit_fedray" / "fedavg-s0"
+    run = run_folder(tmp_path / "runs" / "submit_fedray", "fedavg")
     s = json.loads((run / "summary.json").read_text())
     assert s["rounds"] == 3
     assert (run / "metrics.parquet").exists() and (run / "tb").is_dir()
     assert "final accuracy" in r.stdout  # the job's own output was followed
+    # Ray's job client logs (packaging, upload, closed log stream) stay quiet: fedray's one line
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("submitted raysubmit_"), r.stderr
+
+
+def test_a_client_without_the_token_gets_the_whole_reason(head, tmp_path):
+    url, env = head
+    env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
+    r = subprocess.run([str(BIN / "fedray"), "submit", "--address", url, "--working-dir", str(ROOT),
+                        str(ROOT / "configs" / "quickstart.yaml")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: the Ray cluster at {url} refused the request: "), err
+    assert "Missing authentication token" in err and err.endswith("token-auth.html"), err  # whole, not cut
+
+
+def test_no_auth_notice_when_ray_turns_token_auth_on(tmp_path):
+    """With RAY_AUTH_MODE unset Ray turns token authentication on and says so on every
+    command: what cluster/README.md asks for, so fedray drops exactly that line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    r = subprocess.run([str(BIN / "fedray"), "run", str(ROOT / "configs" / "quickstart.yaml"), "--set",
+                        "server.rounds=1", "--quiet", "--out", str(tmp_path)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Token authentication is enabled" not in r.stdout + r.stderr, r.stderr
 
 
 def test_plain_ray_job_submit(head, tmp_path):
@@ -130,7 +160,7 @@ def test_plain_ray_job_submit(head, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
-    s = json.loads((store / "plain_submit" / "fedavg-s0" / "summary.json").read_text())
+    s = json.loads((run_folder(store / "plain_submit", "fedavg") / "summary.json").read_text())
     assert s["rounds"] == 3
 
 
@@ -169,7 +199,7 @@ def test_a_stopped_job_resumes_with_fedray_submit_resume(head, tmp_path):
     while str(c.get_job_status(job)).split(".")[-1] not in ("STOPPED", "FAILED", "SUCCEEDED"):
         assert time.time() < deadline + 120
         time.sleep(0.5)
-    run = store / "submit_resume" / "fedavg-s0"
+    run = run_folder(store / "submit_resume", "fedavg")
     stopped = json.loads((run / "summary.json").read_text())
     assert stopped["status"] == "interrupted" and 0 < stopped["version"] < 400, c.get_job_logs(job)[-3000:]
     r = subprocess.run([*base, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -181,5 +211,5 @@ def test_a_stopped_job_resumes_with_fedray_submit_resume(head, tmp_path):
                                "--out", str(tmp_path / "straight")], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=400)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    ref = json.loads((tmp_path / "straight" / "submit_resume" / "fedavg-s0" / "summary.json").read_text())
+    ref = json.loads((run_folder(tmp_path / "straight" / "submit_resume", "fedavg") / "summary.json").read_text())
     assert resumed["model_sha256"] == ref["model_sha256"]

@@ -13,11 +13,15 @@ import yaml
 from fedray import report as R
 from fedray.cli import main
 from fedray.metrics.recorder import TAGS
+from tests.runkit import run_folder
 
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs" / "experiments" / "compare_smoke.yaml")
+
+
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 
 def tb_content(run_dir: Path):
@@ -30,14 +34,14 @@ def tb_content(run_dir: Path):
 
 def test_compare_two_methods_two_seeds(ray_session, tmp_path, capsys):
     out = tmp_path / "runs"
-    rc = main(["compare", SMOKE, "--out", str(out), "--quiet", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-               "--set", "server.rounds=4", "--storage", str(tmp_path / "store")])
-    assert rc == 0
+    args = ["compare", SMOKE, "--out", str(out), "--quiet", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            "--set", "server.rounds=4", "--storage", str(tmp_path / "store")]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     exp = out / "compare_smoke"
     methods = yaml.safe_load(Path(SMOKE).read_text())["compare"]["methods"]
     assert methods == ["fedavg", "fedavg_deadline"]
-    runs = {(m, s): exp / f"{m}-s{s}" for m in methods for s in (0, 1)}
+    runs = {(m, s): run_folder(exp, m, s) for m in methods for s in (0, 1)}
     summaries = {k: json.loads((d / "summary.json").read_text()) for k, d in runs.items()}
 
     # same data split, devices and seeds: configs differ only in the method section
@@ -53,6 +57,8 @@ def test_compare_two_methods_two_seeds(ray_session, tmp_path, capsys):
         assert set(TAGS) <= tags
         assert "hparams/final_accuracy" in tags
         assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hp)
+        start = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"]).session_start_info
+        assert start.hparams["method"].string_value == m and "method_name" not in start.hparams
         tag_sets.append(tags)
     assert all(t == tag_sets[0] for t in tag_sets)
 
@@ -79,5 +85,10 @@ def test_compare_two_methods_two_seeds(ray_session, tmp_path, capsys):
                 assert float(rows[m][f"{key}_std"]) == pytest.approx(np.std(present, ddof=1), rel=1e-9, abs=1e-12)
             assert R.cell(vals, kind, target_known=True) in line
     # the experiment folder was copied to storage
-    assert (tmp_path / "store" / "compare_smoke" / "fedavg-s1" / "summary.json").is_file()
+    assert (tmp_path / "store" / "compare_smoke" / runs[("fedavg", 1)].name / "summary.json").is_file()
     assert (tmp_path / "store" / "compare_smoke" / "report" / "report.md").is_file()
+    # the same compare again: every run is read back, none trained, no folder added
+    before = sorted(p.name for p in exp.iterdir())
+    assert main(args) == 0
+    assert "4 of 4 runs were completed already and read back" in capsys.readouterr().out
+    assert sorted(p.name for p in exp.iterdir()) == before

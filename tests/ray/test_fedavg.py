@@ -28,8 +28,10 @@ def small(tmp_path, **over):
 
 
 def test_run_writes_outputs(ray_session, tmp_path):
-    s = run(small(tmp_path))
-    d = tmp_path / "runs" / "t" / "fedavg-s0"
+    cfg = small(tmp_path)
+    s = run(cfg)
+    d = tmp_path / "runs" / "t" / cfg.run_name
+    assert s["run_dir"] == str(d) and d.name.startswith("fedavg-s0-") and s["config_hash"] == d.name[-8:]
     for name in ("config.yaml", "summary.json", "model.npz"):
         assert (d / name).is_file(), name
     assert (d / "metrics.parquet").is_dir() and list((d / "metrics.parquet").glob("part-*.parquet"))
@@ -55,6 +57,22 @@ def test_run_writes_outputs(ray_session, tmp_path):
     for tag in ("eval/accuracy", "eval/loss", "cost/bytes_up", "cost/train_flops", "time/wall_s",
                 "eval/accuracy@virtual_s", "agg/buffer", "agg/fill_s", "summary/sdir", "summary/energy_j"):
         assert tag in tags, tag
+    # <tag>@virtual_s: its own step per point, in order, and the exact virtual second as its time
+    # (these rounds are shorter than one virtual second: whole seconds put them all on steps 0 and 1)
+    evals = t[t.event == "eval"]
+    assert evals.virtual_s.max() < 2
+    pts = acc.Scalars("eval/accuracy@virtual_s")
+    steps = [p.step for p in pts]
+    assert steps == sorted(set(steps)) == list(evals.version) == [p.step for p in acc.Scalars("eval/accuracy")]
+    assert [p.wall_time for p in pts] == pytest.approx(list(evals.virtual_s), abs=1e-6)
+    assert [p.value for p in pts] == pytest.approx(list(evals.accuracy), rel=1e-6)
+    # a plain run writes its HParams, each once
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hp = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"]).session_start_info
+    assert set(start.hparams) == {"method", "seed", "train.lr", "server.clients_per_round"}
+    assert start.hparams["method"].string_value == "fedavg" and "hparams/final_accuracy" in tags
     # the MLP (38 KB) is below Ray's inline size: each round's version travels by value inside
     # the round's calls (6 versions), only the initial one was put (the driver's first reference)
     assert s["model_puts"] == 1 and s["model_inline"] == 6

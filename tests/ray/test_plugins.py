@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.runkit import run_folder
+
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +49,7 @@ def fedray_run(tmp_path, *sets, timeout=300):
 
 
 def summary(tmp_path, method: str) -> dict:
-    return json.loads((tmp_path / "runs" / "plugins" / f"{method.replace(':', '.')}-s0" / "summary.json").read_text())
+    return json.loads((run_folder(tmp_path / "runs" / "plugins", method.replace(':', '.')) / "summary.json").read_text())
 
 
 def assert_ok(r):
@@ -140,7 +142,7 @@ def test_bad_model_import_path_fails_before_ray_starts(tmp_path):
 
 def test_diabetes_regression_by_import_path(tmp_path):
     r, _ = fedray_run(tmp_path, "data.name=plugins.diabetes:load", "task.name=regression", "train.lr=0.05")
-    s_path = tmp_path / "runs" / "plugins" / "fedavg-s0" / "summary.json"
+    s_path = run_folder(tmp_path / "runs" / "plugins", "fedavg") / "summary.json"
     assert s_path.is_file(), r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads(s_path.read_text())
     assert_finite(s, "r2")

@@ -17,7 +17,9 @@ import yaml
 
 from fedray.errors import Interrupted, RunStopped
 from fedray.runtime.runner import Runner
-from tests.runkit import reference, small, stop_after, table
+from fedray import config as C
+from fedray import runs
+from tests.runkit import reference, run_folder, small, stop_after, table
 
 pytestmark = pytest.mark.ray
 FEDRAY = Path(sys.executable).parent / "fedray"
@@ -112,7 +114,7 @@ def _interrupt_when_rows_exist(path: Path, run_dir: Path, sig) -> subprocess.Com
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signals_end_the_run_with_a_checkpoint_and_resume_is_exact(tmp_path, sig, code):
     path = _cli_config(tmp_path)
-    run_dir = tmp_path / "runs" / "sig" / "fedavg-s0"
+    run_dir = C.load(path).run_dir  # runs/sig/fedavg-s0-<config hash>
     r = _interrupt_when_rows_exist(path, run_dir, sig)
     assert r.returncode == code, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
@@ -121,16 +123,27 @@ def test_signals_end_the_run_with_a_checkpoint_and_resume_is_exact(tmp_path, sig
     assert "Traceback" not in r.stderr and "SIGTERM received" not in r.stderr  # no stack dump
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["status"] == "interrupted" and 0 < saved["version"] < 400
-    resumed = subprocess.run([str(FEDRAY), "run", "--resume", str(run_dir), "--quiet"], env=_env(),
+    # the folder's config is the one its summary belongs to
+    assert saved["config_hash"] == runs.config_hash(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    # --resume FOLDER, or the same command again: it finds the interrupted run of its config and resumes it
+    again = ["--resume", str(run_dir)] if sig == signal.SIGTERM else [str(path)]
+    resumed = subprocess.run([str(FEDRAY), "run", *again, "--quiet"], env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ("resuming the interrupted run" in resumed.stderr) == (sig == signal.SIGINT)
+    assert list(run_dir.parent.iterdir()) == [run_dir]
+    if sig == signal.SIGINT:  # a third time: completed, reported, not trained again
+        done = subprocess.run([str(FEDRAY), "run", str(path), "--quiet"], env=_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.startswith(f"already run: {run_dir} holds a completed run")
+        assert "not training again (--rerun" in done.stdout and list(run_dir.parent.iterdir()) == [run_dir]
     straight_cfg = yaml.safe_load(path.read_text())
     straight_cfg["runtime"]["out_dir"] = str(tmp_path / "straight")
     path.write_text(yaml.safe_dump(straight_cfg))
     r = subprocess.run([str(FEDRAY), "run", str(path), "--quiet"], env=_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    straight = tmp_path / "straight" / "sig" / "fedavg-s0"
+    straight = run_folder(tmp_path / "straight" / "sig", "fedavg")
     assert table(run_dir).equals(table(straight))
     a, b = json.loads((run_dir / "summary.json").read_text()), json.loads((straight / "summary.json").read_text())
     assert a["status"] == "completed" and a["model_sha256"] == b["model_sha256"]

@@ -15,6 +15,7 @@ import pytest
 from fedray import config as C
 from fedray import tune as T
 from fedray.cli import main
+from tests.runkit import run_folder
 
 pytestmark = pytest.mark.ray
 
@@ -31,10 +32,15 @@ def reports(trial: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
-def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path):
+def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path, capfd):
     spec = T.load_spec(TINY, [f"data.cache_dir={tmp_path / 'cache'}"])
     assert spec.scheduler is not None and spec.scheduler.name == "asha"
-    res = T.search(spec, storage=str(tmp_path / "store"), quiet=True)
+    capfd.readouterr()
+    res = T.search(spec, storage=str(tmp_path / "store"))
+    out, err = capfd.readouterr()
+    lines = out.splitlines()  # one line per trial, no Tune status tables (there were 143 lines)
+    assert len(lines) == 4 and all(ln.startswith(f"trial {i}/4 done: accuracy ") for i, ln in enumerate(lines, 1))
+    assert len(err.splitlines()) <= 2, err
     assert res["trials"] == 4 and res["finished"] == 4 and res["errors"] == 0 and not res["interrupted"]
     exp = Path(res["path"])
     assert exp == tmp_path / "store" / "tune_tiny" / "tune"
@@ -52,7 +58,12 @@ def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path):
             assert rows[-1]["bytes_up"] == s["bytes_up"]
         params = json.loads((t / "params.json").read_text())
         finals[(params["train.lr"], params["server.clients_per_round"])] = rows[-1]["accuracy"]
+    assert len(finals) == 4  # 2 grid values x 2 samples of a 2-value choice: every combination once
     assert res["best_metrics"]["accuracy"] == pytest.approx(max(finals.values()))
+    # TensorBoard sees fedray's runs only: no event files of Tune's own logger in the trial folders
+    events = sorted(exp.rglob("events.out.tfevents.*"))
+    assert len({p.parent for p in events}) == 4
+    assert all(p.parent.name == "tb" and p.parent.parent.name == "run" for p in events), events
     best_path = Path(res["best_path"])
     best = C.load(best_path)
     assert best.train.lr == res["best_values"]["train.lr"]
@@ -61,7 +72,7 @@ def test_asha_search_writes_a_runnable_best_config(ray_session, tmp_path):
 
     out = tmp_path / "rerun"
     assert main(["run", str(best_path), "--quiet", "--out", str(out)]) == 0
-    s = json.loads((out / "tune_tiny" / "fedavg-s0" / "summary.json").read_text())
+    s = json.loads((run_folder(out / "tune_tiny", "fedavg") / "summary.json").read_text())
     assert s["rounds"] == best.server.rounds
     if res["best_metrics"]["version"] == best.server.rounds:  # the best trial was not cut short: same run
         assert s["final_accuracy"] == pytest.approx(res["best_metrics"]["accuracy"])

@@ -18,7 +18,7 @@ def test_former_cycles_stay_broken():
     assert "fedray.aggregation.rules" not in g["fedray.aggregation.merge"]
     assert "fedray.models.zoo" not in g["fedray.models.spec"] and "fedray.models.spec" not in g["fedray.models.zoo"]
     assert not {m for m in g["fedray.methods.base"] | g["fedray.methods.prfl"] if m == "fedray.config"}
-    assert "fedray.compare" not in g["fedray.tune"]
+    assert "fedray.comparison" not in g["fedray.tune"]
     # the trainer and the client worker know no method by name
     assert not {m for m in g["fedray.client.trainer"] | g["fedray.client.worker"]
                 if m.startswith("fedray.methods.") and m not in ("fedray.methods.base", "fedray.methods.registry")}

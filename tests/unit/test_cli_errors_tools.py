@@ -5,6 +5,7 @@ Tune reports, best-config YAML, job entrypoints, runtime env, storage copies.
 """
 from __future__ import annotations
 
+import math
 import re
 import socket
 from pathlib import Path
@@ -12,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedray import compare, storage, submit
+from fedray import comparison as compare, runs, storage, submit
 from fedray import config as C
 from fedray import tune as T
 from fedray.cli import main
 from fedray.errors import ConfigError
+from fedray.metrics import hparams
 
 BASE = {"experiment": "x", "data": {"name": "digits", "num_clients": 20}, "server": {"rounds": 2, "clients_per_round": 4},
         "cluster": {"num_client_actors": 2, "client_actor": {"num_cpus": 0.5, "resources": {"device:edge": 1}}}}
@@ -183,16 +185,21 @@ def test_compare_plan_replaces_method_and_seed_only(tmp_path):
                                        "seeds": [0, 3]}})
     plan = compare.plan(cfg, ["server.rounds=5"], out=str(tmp_path / "o"))
     assert [(r.label, r.seed) for r in plan.runs] == [("fedavg", 0), ("fedavg", 3), ("fedavg-b", 0), ("fedavg-b", 3)]
-    assert plan.runs[1].run_dir == tmp_path / "o" / "x" / "fedavg-s3"
+    digest = runs.config_hash(C.to_dict(plan.runs[1].cfg))
+    assert plan.runs[1].run_dir == tmp_path / "o" / "x" / f"fedavg-s3-{digest}"
+    assert plan.runs[0].run_dir.name == f"fedavg-s0-{digest}"  # the seeds of one config share its hash
     for r in plan.runs:
         assert r.cfg.server.rounds == 5 and r.cfg.seed == r.seed and r.cfg.data == plan.base.data
-    assert compare.hparams_for(plan.runs[2])["method"] == "fedavg-b"
+    assert hparams.hparams_of(plan.runs[2].cfg, "fedavg-b")["method"] == "fedavg-b"
 
 
-def test_hparam_metrics_are_the_same_for_every_run():
-    keys = compare.hparam_metrics([{"final_accuracy": 0.5, "time_to_target_s": None, "sdir": True},
-                                   {"final_accuracy": 0.6, "time_to_target_s": 12.0, "energy_j": float("nan")}])
-    assert keys == ["final_accuracy", "time_to_target_s"]
+def test_hparams_name_each_field_once_and_every_metric():
+    cfg = C.from_dict({"method": {"name": "fedbuff", "buffer_size": 4}})
+    hp = hparams.hparams_of(cfg)
+    assert hp["method"] == "fedbuff" and hp["method.buffer_size"] == 4 and "method_name" not in hp
+    m = hparams.metrics_of({"final_accuracy": 0.5, "time_to_target_s": None, "sdir": True})
+    assert list(m) == [f"hparams/{k}" for k in hparams.METRICS]  # the same columns for every run
+    assert m["hparams/final_accuracy"] == 0.5 and all(math.isnan(v) for k, v in m.items() if "final_acc" not in k)
 
 
 # ---------------------------------------------------------------- submit helpers

@@ -15,8 +15,8 @@ from fedray.metrics.recorder import Recorder
 
 
 def make_run(root, label, seed, summary, *, target=None, evals=((0.0, 0.2), (1.5, 0.6), (3.0, 0.8)),
-             experiment="exp"):
-    d = root / experiment / f"{label}-s{seed}"
+             experiment="exp", folder=None, train=None):
+    d = root / experiment / (folder or f"{label}-s{seed}")
     rec = Recorder(d, tensorboard=False)
     for i, (vs, acc) in enumerate(evals):
         rec.event(event="update", round=i, version=i, dispatch_id=i, client_id=0, examples=10, bytes_up=100,
@@ -24,7 +24,7 @@ def make_run(root, label, seed, summary, *, target=None, evals=((0.0, 0.2), (1.5
         rec.event(event="eval", round=i, version=i + 1, accuracy=acc, loss=1.0 - acc, virtual_s=vs)
     rec.close({"experiment": experiment, "method": label.split("+")[0], "seed": seed, **summary})
     cfg = {"experiment": experiment, "seed": seed, "method": {"name": label},
-           "server": {"target_accuracy": target}}
+           "server": {"target_accuracy": target}, **({"train": train} if train else {})}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     return d
 
@@ -63,7 +63,8 @@ def test_table_numbers_equal_summaries(tmp_path):
 
 def test_time_to_target_from_events_when_summary_lacks_it(tmp_path):
     make_run(tmp_path, "a", 0, {"final_accuracy": 0.8}, target=0.5)   # eval at 1.5 s reaches 0.6
-    make_run(tmp_path, "a", 1, {"final_accuracy": 0.8}, target=0.7)   # eval at 3.0 s reaches 0.8
+    make_run(tmp_path, "a", 1, {"final_accuracy": 0.8}, target=0.5,   # eval at 3.0 s reaches 0.8
+             evals=((0.0, 0.2), (1.5, 0.4), (3.0, 0.8)))
     make_run(tmp_path, "b", 0, {"final_accuracy": 0.8}, target=0.95)  # never
     recs = R.find_runs(tmp_path)
     assert [R.time_to_target(r) for r in recs] == [1.5, 3.0, None]
@@ -105,3 +106,27 @@ def test_cli_report(tmp_path, capsys):
     assert (tmp_path / "rep" / "report.md").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip().startswith("data error: runs folder")
+
+
+def test_runs_are_grouped_by_their_config_not_their_folder_name(tmp_path):
+    # folders of an older fedray (no hash in the name): the same name, two learning rates
+    make_run(tmp_path, "fedavg", 0, {"final_accuracy": 0.5}, train={"lr": 0.1}, experiment="old")
+    make_run(tmp_path, "fedavg", 1, {"final_accuracy": 0.6}, train={"lr": 0.1}, experiment="old")
+    make_run(tmp_path, "fedavg", 0, {"final_accuracy": 0.9}, train={"lr": 0.01}, experiment="old",
+             folder="fedavg-s0-r2")
+    rows = {r["label"]: r for r in R.aggregate(R.find_runs(tmp_path / "old"))}
+    assert set(rows) == {"fedavg (train.lr=0.1)", "fedavg (train.lr=0.01)"}
+    assert rows["fedavg (train.lr=0.1)"]["values"]["final_accuracy"] == [0.5, 0.6]
+    assert rows["fedavg (train.lr=0.01)"]["values"]["final_accuracy"] == [0.9]
+
+
+def test_a_rerun_of_one_config_and_seed_counts_once(tmp_path):
+    make_run(tmp_path, "fedavg", 0, {"final_accuracy": 0.5, "status": "completed"}, folder="fedavg-s0-0123abcd")
+    make_run(tmp_path, "fedavg", 0, {"final_accuracy": 0.7, "status": "completed"}, folder="fedavg-s0-0123abcd-r2")
+    make_run(tmp_path, "fedavg", 0, {"final_accuracy": 0.1, "status": "interrupted"},
+             folder="fedavg-s0-0123abcd-r3")
+    make_run(tmp_path, "fedavg", 1, {"final_accuracy": 0.6, "status": "completed"}, folder="fedavg-s1-0123abcd")
+    recs = R.find_runs(tmp_path)
+    assert [r.path.name for r in recs] == ["fedavg-s0-0123abcd-r2", "fedavg-s1-0123abcd"]
+    (row,) = R.aggregate(recs)
+    assert row["label"] == "fedavg" and row["values"]["final_accuracy"] == [0.7, 0.6]

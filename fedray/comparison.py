@@ -15,31 +15,32 @@ Conventions:
   split and device population.
 - A method entry is a name or a mapping with ``name``, an optional ``label``
   and the method's parameters. The run folder is
-  ``<out_dir>/<experiment>/<label>-s<seed>`` (label defaults to the name);
-  labels must be unique.
+  ``<out_dir>/<experiment>/<label>-s<seed>-<config hash>`` (label defaults to
+  the name; the hash: :mod:`fedray.runs`); labels must be unique.
+- Comparing again trains only what is missing: a run whose folder holds a
+  completed run is read back, an interrupted one with a checkpoint resumes,
+  ``rerun=True`` (``fedray compare --rerun``) trains every run afresh in new
+  ``-r<n>`` folders.
 - ``--set`` overrides apply to the whole file before it is split, so
   ``--set compare.seeds=[0]`` and ``--set server.rounds=5`` both work.
 - Every run config is validated before the first run starts.
-- After the runs: TensorBoard HParams summaries in each run's ``tb/`` folder
-  (hparams ``method``, ``method_name``, ``seed`` and the method's scalar
-  parameters; metrics under ``hparams/``), then the report of
-  :mod:`fedray.report` in ``<out_dir>/<experiment>/report``.
+- Each run writes its TensorBoard HParams (:mod:`fedray.metrics.hparams`: the
+  entry's label as ``method``); after the runs, the report of
+  :mod:`fedray.report` in ``<out_dir>/<experiment>/report`` (of these runs only).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from fedray import config as C
+from fedray import runs as RUNS
 from fedray.errors import ConfigError
 
 SECTION = "compare"
 KNOWN_KEYS = ("methods", "seeds")
-HPARAM_METRICS = ("final_accuracy", "best_accuracy", "time_to_target_s", "virtual_s", "wall_s", "train_flops",
-                  "bytes_up", "bytes_down", "sdir", "energy_j")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class PlannedRun:
     label: str
     seed: int
     cfg: C.ExperimentConfig
-    run_dir: Path
+    run_dir: Path  # its first folder (``-r<n>`` ones follow it, see fedray.runs)
 
 
 @dataclass(frozen=True)
@@ -117,102 +118,50 @@ def plan(path: str | Path, overrides=(), *, out: str | None = None) -> ComparePl
                 cfg = C.from_dict(raw)
             except ConfigError as e:
                 raise ConfigError(f"compare.methods[{i}]", f"{e.field}: {e.message}") from None
-            runs.append(PlannedRun(label, s, cfg, exp_dir / f"{label}-s{s}"))
+            folder = RUNS.folder_name(label, s, RUNS.config_hash(C.to_dict(cfg)))
+            runs.append(PlannedRun(label, s, cfg, exp_dir / folder))
     return ComparePlan(base, tuple(runs))
 
 
-def _scalar_params(cfg: C.ExperimentConfig) -> dict:
-    out = {}
-    p = cfg.method.params
-    if p is not None and dataclasses.is_dataclass(p):
-        for f in dataclasses.fields(p):
-            v = getattr(p, f.name)
-            if isinstance(v, (bool, int, float, str)):
-                out[f"method.{f.name}"] = v
-    return out
+def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None, rerun: bool = False) -> dict:
+    """Run every planned run on one Ray instance (completed ones are read back, see the module
+    doc), then the report.
 
-
-def hparams_for(run: PlannedRun) -> dict:
-    """The HParams of one run (scalars only)."""
-    c = run.cfg
-    hp = {"method": run.label, "method_name": c.method.name, "seed": c.seed, "train.lr": c.train.lr,
-          "server.clients_per_round": c.server.clients_per_round}
-    hp.update(_scalar_params(c))
-    return hp
-
-
-def hparam_metrics(summaries: list[Mapping]) -> list[str]:
-    """The ``HPARAM_METRICS`` keys that at least one run has as a number (the same list for every run)."""
-    def num(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-
-    return [k for k in HPARAM_METRICS if any(num(s.get(k)) for s in summaries)]
-
-
-def write_hparams(run: PlannedRun, summary: Mapping, domains: Mapping[str, list], metric_keys: list[str]) -> None:
-    """Write an HParams session into the run's ``tb/`` folder next to its scalars.
-
-    Every run gets the same metrics (``hparams/<key>`` for ``metric_keys``); a value this run lacks
-    (e.g. time to target when the target was not reached) is written as NaN, so the runs keep
-    identical tags and HParams columns.
-    """
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
-
-    metrics = {}
-    for k in metric_keys:
-        v = summary.get(k)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        metrics[f"hparams/{k}"] = float(v) if ok else float("nan")
-    hp = hparams_for(run)
-    disc = {k: v for k, v in domains.items() if k in hp}
-    exp, ssi, sei = hparams(hp, metrics, disc)
-    with SummaryWriter(log_dir=str(run.run_dir / "tb")) as w:
-        w.file_writer.add_summary(exp)
-        w.file_writer.add_summary(ssi)
-        w.file_writer.add_summary(sei)
-        for k, v in metrics.items():
-            w.add_scalar(k, v, 0)
-
-
-def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None) -> dict:
-    """Run every planned run on one Ray instance, then HParams and the report.
-
-    Returns ``{"summaries": [...], "report": <fedray.report.write_report result>, "stored": dest or None}``.
+    Returns ``{"summaries": [...], "report": <fedray.report.write_report result>, "stored": dest or None,
+    "folders": [the run folders], "reused": how many runs were read back}``.
     """
     import ray
-    from tqdm.auto import tqdm
 
     from fedray import report as R
     from fedray import storage as S
-    from fedray.runtime import cluster
+    from fedray.runtime import checkpoint, cluster
+    from fedray.runtime.progress import make_bar
     from fedray.runtime.runner import Runner
 
     if storage is not None:
         storage = S.normalize(storage)
-    owns = cluster.connect(p.base.cluster)
-    summaries = []
-    bar = tqdm(total=len(p.runs), desc=f"compare {p.base.experiment}", unit="run", disable=not progress,
-               dynamic_ncols=True)
+    owns = None
+    summaries, folders, reused = [], [], 0
+    bar = make_bar(len(p.runs), f"compare {p.base.experiment}", "run", disable=not progress)
     try:
         for r in p.runs:
             bar.set_postfix_str(f"{r.label} s{r.seed}")
-            s = Runner(r.cfg, run_dir=r.run_dir, progress=False).run()
+            action, folder, s = RUNS.choose(r.run_dir, rerun, lambda f, c=r.cfg: checkpoint.exists(
+                checkpoint.of_run(c.runtime.checkpoint_dir, f)))
+            if action == "completed":
+                reused += 1
+            else:
+                if owns is None:
+                    owns = cluster.connect(p.base.cluster)
+                s = Runner(r.cfg, run_dir=folder, progress=False, resume=action == "resume").run()
             summaries.append(s)
+            folders.append(folder)
             bar.set_postfix_str(f"{r.label} s{r.seed} {s['metric']}={s['final_' + s['metric']]:.3f}")
             bar.update(1)
     finally:
         bar.close()
         if owns and ray.is_initialized():
             ray.shutdown()
-    domains: dict[str, list] = {}
-    for r in p.runs:
-        for k, v in hparams_for(r).items():
-            if isinstance(v, str) and v not in domains.setdefault(k, []):
-                domains[k].append(v)
-    keys = hparam_metrics(summaries)
-    for r, s in zip(p.runs, summaries):
-        write_hparams(r, s, {k: v for k, v in domains.items() if v}, keys)
-    rep = R.write_report(p.exp_dir, only=[r.run_dir for r in p.runs])
+    rep = R.write_report(p.exp_dir, only=folders)
     stored = S.store_experiment(p.exp_dir, storage) if storage is not None else None
-    return {"summaries": summaries, "report": rep, "stored": stored}
+    return {"summaries": summaries, "report": rep, "stored": stored, "folders": folders, "reused": reused}

@@ -1,0 +1,68 @@
+"""Cluster connection mistakes are one line naming the field, exit code 2, and come fast
+(before this check, ``ray.init`` retried an address with nothing listening for over ten minutes)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedray.errors import ConfigError
+from fedray.runtime.cluster import probe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_with_nothing_at_cluster_address_is_one_line(tmp_path):
+    port = closed_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", PYTHONPATH=str(ROOT))
+    # the bound is the subprocess timeout: the old code was still retrying when it expired
+    r = subprocess.run([sys.executable, "-m", "fedray.cli", "run", str(ROOT / "configs" / "quickstart.yaml"),
+                        "--set", f"cluster.address=127.0.0.1:{port}", "--out", str(tmp_path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip()
+    assert err == (f"config error: cluster.address: nothing listens at 127.0.0.1:{port} (connection refused): "
+                   f"start the head there with `ray start --head --port={port}` or correct the address"), err
+    assert not list(tmp_path.rglob("config.yaml"))  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "head:port", "ray://nohost"])
+def test_malformed_address(address):
+    with pytest.raises(ConfigError, match="cluster.address: .* is not HOST:PORT"):
+        probe(address, "cluster.address")
+
+
+def test_listening_address_passes():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        probe(f"127.0.0.1:{s.getsockname()[1]}", "cluster.address")
+        probe(f"ray://127.0.0.1:{s.getsockname()[1]}", "cluster.address")
+    probe("auto", "cluster.address")
+
+
+def test_a_run_inside_a_ray_job_without_storage_is_stored_durably(tmp_path, monkeypatch, capsys):
+    """A Ray job's working directory is deleted with the job: its runs/ would be lost."""
+    from argparse import Namespace
+
+    from fedray.cli import JOB_ENV, _storage
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(JOB_ENV, raising=False)
+    assert _storage(Namespace(storage=None, out=None)) is None  # not in a job: runs/ as configured
+    monkeypatch.setenv(JOB_ENV, "{}")
+    assert _storage(Namespace(storage=None, out=None)) == str(tmp_path / "fedray-runs")
+    assert f"results are stored in {tmp_path / 'fedray-runs'}" in capsys.readouterr().err
+    assert _storage(Namespace(storage=None, out="/shared/runs")) is None  # --out: the user chose
+    assert _storage(Namespace(storage=str(tmp_path / "s"))) == str(tmp_path / "s")
