@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -125,12 +126,31 @@ def actor_options(actor_cfg, *, name: str | None = None) -> dict:
     return opts
 
 
+def gpu_share(cfg, aggregator: bool = False) -> float:
+    """GPUs each client actor (or the aggregator, which evaluates) asks for. ``cluster.client_actor.num_gpus``
+    when set (or with ``devices.actor_per_tier``: the tiers say), the aggregator then none; else, with ``runtime.device`` ``auto``
+    or ``cuda``, the cluster's GPUs split over the run's actors (at most one each, a multiple of 1e-4:
+    Ray's unit), so that ``auto`` finds the GPU where there is one (Ray hides the GPUs from an actor
+    that asks for none). ``cuda`` on a cluster without a GPU is a config error."""
+    own = float(cfg.cluster.client_actor.num_gpus)
+    if own > 0 or cfg.devices.actor_per_tier or cfg.runtime.device not in ("auto", "cuda"):
+        return 0.0 if aggregator else own
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if gpus <= 0:
+        if cfg.runtime.device == "cuda":
+            raise ConfigError("runtime.device", "cuda, but the Ray cluster has no GPU (auto: the GPU where there is one)")
+        return 0.0
+    ca = cfg.cluster.client_actors
+    n = (ca.max if ca is not None else cfg.cluster.num_client_actors) + 1
+    return min(1.0, math.floor(gpus / n * 1e4) / 1e4)
+
+
 def actor_specs(cfg, profiles) -> list[tuple[object, dict]]:
     """``[(pool, Ray options)]`` of the client actors a run creates (see :func:`create_client_actors`)."""
     ca = cfg.cluster.client_actors
     n = ca.max if ca is not None else cfg.cluster.num_client_actors
     if not cfg.devices.actor_per_tier:
-        return [(None, actor_options(cfg.cluster.client_actor))] * n
+        return [(None, {**actor_options(cfg.cluster.client_actor), "num_gpus": gpu_share(cfg)})] * n
     tiers: dict[str, DeviceProfile] = profiles.first_of_tier()
     per = max(1, n // len(tiers))
     specs = []
@@ -144,7 +164,7 @@ def actor_specs(cfg, profiles) -> list[tuple[object, dict]]:
 
 def requested(cfg, profiles) -> dict[str, float]:
     """Resources the run's actors ask for, summed: ``{"CPU": ..., "GPU": ..., custom...}``."""
-    out: dict[str, float] = {"CPU": float(cfg.cluster.aggregator_cpus)}
+    out: dict[str, float] = {"CPU": float(cfg.cluster.aggregator_cpus), "GPU": gpu_share(cfg, aggregator=True)}
     specs = actor_specs(cfg, profiles)
     if cfg.cluster.client_actors is not None:  # an elastic pool needs room for its minimum only
         specs = specs[:cfg.cluster.client_actors.min]

@@ -126,7 +126,8 @@ class Runner:
 
     def _new_aggregator(self):
         s, cfg = self.setup, self.cfg
-        agg = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus).remote(
+        gpus = cluster.gpu_share(cfg, aggregator=True)  # evaluation on the GPU where auto finds one
+        agg = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus, num_gpus=gpus).remote(
             cfg, s.params, self.test_ref, s.dataset.input_shape, s.dataset.num_classes, s.examples)
         agg.attach.remote(self.pool.actors, self.shared)  # it dispatches synchronous rounds
         return agg

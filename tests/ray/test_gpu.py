@@ -34,3 +34,17 @@ def test_client_actors_with_a_gpu_fraction_train_on_it(ray_session, tmp_path):
     for s in out.values():
         assert s["status"] == "completed" and s["rounds"] == 4
     assert abs(out[1]["final_accuracy"] - out[16]["final_accuracy"]) <= 0.05
+
+
+def test_auto_finds_the_gpu_without_a_configured_share(ray_session, tmp_path):
+    if gpus(ray_session) < 1:
+        pytest.skip("no GPU in the Ray cluster")
+    from fedray.runtime import cluster
+    from fedray.runtime.runner import run
+
+    cfg = from_dict({"experiment": "gpu_auto", "data": {"num_clients": 20, "cache_dir": str(tmp_path / "cache")},
+                     "server": {"rounds": 2, "clients_per_round": 10},
+                     "cluster": {"num_client_actors": 2},
+                     "runtime": {"device": "auto", "progress": False, "out_dir": str(tmp_path / "runs")}})
+    assert 0 < cluster.gpu_share(cfg) <= 1 and cluster.gpu_share(cfg, aggregator=True) == cluster.gpu_share(cfg)
+    assert run(cfg)["status"] == "completed"

@@ -66,3 +66,32 @@ def test_a_run_inside_a_ray_job_without_storage_is_stored_durably(tmp_path, monk
     assert f"results are stored in {tmp_path / 'fedray-runs'}" in capsys.readouterr().err
     assert _storage(Namespace(storage=None, out="/shared/runs")) is None  # --out: the user chose
     assert _storage(Namespace(storage=str(tmp_path / "s"))) == str(tmp_path / "s")
+
+
+@pytest.mark.parametrize("device, own, gpus, actors, want", [
+    ("auto", 0.0, 1.0, 2, 0.3333),   # split over 2 client actors + the aggregator
+    ("auto", 0.0, 4.0, 2, 1.0),      # at most one GPU each
+    ("cuda", 0.0, 1.0, 3, 0.25),
+    ("auto", 0.0, 0.0, 2, 0.0),      # no GPU: CPU, as before
+    ("auto", 0.5, 1.0, 2, 0.5),      # cluster.client_actor.num_gpus set: as set, none for the aggregator
+    ("cpu", 0.0, 1.0, 2, 0.0),
+])
+def test_auto_device_asks_ray_for_a_gpu_share_where_there_is_a_gpu(monkeypatch, device, own, gpus, actors, want):
+    from fedray.config import from_dict
+    from fedray.runtime import cluster
+
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": gpus} if gpus else {"CPU": 16.0})
+    cfg = from_dict({"runtime": {"device": device},
+                     "cluster": {"num_client_actors": actors, "client_actor": {"num_gpus": own}}})
+    assert cluster.gpu_share(cfg) == want
+    assert all(o["num_gpus"] == want for _, o in cluster.actor_specs(cfg, None))
+    assert cluster.requested(cfg, None).get("GPU", 0.0) == pytest.approx(want * (actors + (not own)))
+
+
+def test_cuda_on_a_cluster_without_gpu_is_a_config_error(monkeypatch):
+    from fedray.config import from_dict
+    from fedray.runtime import cluster
+
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 16.0})
+    with pytest.raises(ConfigError, match="runtime.device"):
+        cluster.gpu_share(from_dict({"runtime": {"device": "cuda"}}))
