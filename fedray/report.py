@@ -336,14 +336,14 @@ def write_report(root: str | Path, out: str | Path | None = None, *, only=None) 
     intro = f"{len(records)} runs from {root}; table cells are mean ± std over seeds (sample std)."
     md = [f"# {title}", "", intro.replace(str(root), f"`{root}`"), "", table]
     glossary = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
-    md += ["Every metric (SDIR, time to target, sparse FLOPs, energy, ...) is explained in "
-           f"[docs/metrics.md]({glossary}).", ""]
+    explained = "Every metric (SDIR, time to target, sparse FLOPs, energy, ...) is explained in docs/metrics.md"
+    md += [f"{explained.replace('docs/metrics.md', f'[docs/metrics.md]({glossary})')}.", ""]
     for p in plots:
         md += [f"![{p.stem}]({p.name})", ""]
     md += [f"Plots: the mean over seeds per method; {report_plots.BAND}.", ""]
     (out / "report.md").write_text("\n".join(md))
     write_csv(rows, out / "report.csv")
-    page = report_html.write(out / "report.html", title, intro, *table_cells(rows), plots,
-                             f"Mean over seeds per method; {report_plots.BAND}.")
+    page = report_html.write(out / "report.html", title, f"{intro} {explained} ({glossary}).", *table_cells(rows),
+                             plots, f"Mean over seeds per method; {report_plots.BAND}.")
     return {"dir": out, "markdown": out / "report.md", "csv": out / "report.csv", "html": page, "plots": plots,
             "rows": rows, "table": table, "runs": len(records)}
