@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import shlex
 import socket
 import sys
@@ -187,7 +188,8 @@ def client(address: str):
         return JobSubmissionClient(address)
     except Exception as e:  # ConnectionError, auth RuntimeError, bad URL...
         text = one_line(e)
-        if isinstance(e, AuthenticationError) or "401" in text or "403" in text or "uthentication" in text:
+        said = text.replace(address, "")  # a port such as 40383 is not an HTTP 403
+        if isinstance(e, AuthenticationError) or re.search(r"\b40[13]\b|authenticat", said, re.I):
             raise FedrayError(f"the Ray cluster at {address} refused the request: {text}") from None
         raise FedrayError(f"cannot reach the Ray job server at {address}: {text}") from None
 

@@ -271,11 +271,14 @@ def _bundle(opts: Mapping) -> dict:
 
 
 def bundles(cfg: C.ExperimentConfig, driver_cpus: float) -> list[dict]:
-    """Placement-group bundles of one trial: driver loop, aggregator (if it asks for CPUs), one per
-    client actor with its resources (actors asking for nothing get no bundle)."""
+    """Placement-group bundles of one trial: driver loop, aggregator (if it asks for CPUs or a GPU
+    share), one per client actor with its resources (actors asking for nothing get no bundle)."""
     out = [{"CPU": float(driver_cpus)}]
-    if cfg.cluster.aggregator_cpus > 0:
-        out.append({"CPU": float(cfg.cluster.aggregator_cpus)})
+    from fedray.runtime.cluster import gpu_share
+
+    agg = {"CPU": float(cfg.cluster.aggregator_cpus), "GPU": gpu_share(cfg, aggregator=True)}
+    if any(agg.values()):
+        out.append({k: v for k, v in agg.items() if v})
     out += [b for b in (_bundle(o) for o in client_actor_options(cfg)) if b]
     return out
 

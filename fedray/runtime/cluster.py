@@ -127,18 +127,22 @@ def actor_options(actor_cfg, *, name: str | None = None) -> dict:
 
 
 def gpu_share(cfg, aggregator: bool = False) -> float:
-    """GPUs each client actor (or the aggregator, which evaluates) asks for. ``cluster.client_actor.num_gpus``
-    when set (or with ``devices.actor_per_tier``: the tiers say), the aggregator then none; else, with ``runtime.device`` ``auto``
-    or ``cuda``, the cluster's GPUs split over the run's actors (at most one each, a multiple of 1e-4:
-    Ray's unit), so that ``auto`` finds the GPU where there is one (Ray hides the GPUs from an actor
-    that asks for none). ``cuda`` on a cluster without a GPU is a config error."""
+    """GPUs each client actor (or the aggregator, which evaluates) asks for.
+    ``cluster.client_actor.num_gpus`` when set (or with ``devices.actor_per_tier``: the tiers say),
+    the aggregator then none; else, with ``runtime.device`` ``auto`` or ``cuda``, the cluster's GPUs
+    split over the run's actors (at most one each, a multiple of 1e-4: Ray's unit), so that ``auto``
+    finds the GPU where there is one (Ray hides the GPUs from an actor that asks for none; a Tune
+    trial reserves the same shares, :func:`fedray.tune.bundles`). ``cuda`` on a cluster without a
+    GPU is a config error."""
     own = float(cfg.cluster.client_actor.num_gpus)
-    if own > 0 or cfg.devices.actor_per_tier or cfg.runtime.device not in ("auto", "cuda"):
+    chosen = own > 0 or cfg.devices.actor_per_tier or cfg.runtime.device not in ("auto", "cuda")
+    if chosen or not ray.is_initialized():  # (tools and tests that plan without a cluster: as configured)
         return 0.0 if aggregator else own
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     if gpus <= 0:
         if cfg.runtime.device == "cuda":
-            raise ConfigError("runtime.device", "cuda, but the Ray cluster has no GPU (auto: the GPU where there is one)")
+            raise ConfigError("runtime.device", "cuda, but the Ray cluster has no GPU "
+                                                "(auto: the GPU where there is one)")
         return 0.0
     ca = cfg.cluster.client_actors
     n = (ca.max if ca is not None else cfg.cluster.num_client_actors) + 1

@@ -10,6 +10,7 @@ the metrics rows and the totals are made from the same numbers.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -84,7 +85,11 @@ class Dispatcher:
         on = self.profiles.always_on()  # per tier: mains powered, always online, no trace
         self._on_tier = on
         self.all_on = bool(on.all())
-        self.group = group_size(cfg)  # consecutive dispatches routed together (vectorised training)
+
+    @functools.cached_property
+    def group(self) -> int:
+        """Consecutive dispatches routed together (vectorised training, :func:`group_size`)."""
+        return group_size(self.cfg)
 
     @property
     def slow(self) -> np.ndarray:

@@ -17,7 +17,7 @@ from fedray import comparison as compare, runs, storage, submit
 from fedray import config as C
 from fedray import tune as T
 from fedray.cli import main
-from fedray.errors import ConfigError
+from fedray.errors import ConfigError, FedrayError
 from fedray.metrics import hparams
 
 BASE = {"experiment": "x", "data": {"name": "digits", "num_clients": 20}, "server": {"rounds": 2, "clients_per_round": 4},
@@ -239,3 +239,16 @@ def test_storage_copy_to_path_and_uri(tmp_path):
     assert storage.copy_dir(run, str(run)) == str(run)  # onto itself: no-op
     with pytest.raises(ConfigError, match="does not exist"):
         storage.copy_dir(tmp_path / "nope", str(tmp_path / "x"))
+
+
+def test_a_port_with_403_in_it_is_not_an_http_403(monkeypatch):
+    import ray.job_submission
+
+    url = "http://127.0.0.1:40383"  # the suite drew this port once: 'cannot reach' was reported as 'refused'
+
+    def unreachable(address):
+        raise ConnectionError(f"Failed to connect to Ray at address: {address}.")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", unreachable)
+    with pytest.raises(FedrayError, match="cannot reach the Ray job server"):
+        submit.client(url)

@@ -80,6 +80,7 @@ def test_auto_device_asks_ray_for_a_gpu_share_where_there_is_a_gpu(monkeypatch, 
     from fedray.config import from_dict
     from fedray.runtime import cluster
 
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: True)
     monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": gpus} if gpus else {"CPU": 16.0})
     cfg = from_dict({"runtime": {"device": device},
                      "cluster": {"num_client_actors": actors, "client_actor": {"num_gpus": own}}})
@@ -92,6 +93,7 @@ def test_cuda_on_a_cluster_without_gpu_is_a_config_error(monkeypatch):
     from fedray.config import from_dict
     from fedray.runtime import cluster
 
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: True)
     monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 16.0})
     with pytest.raises(ConfigError, match="runtime.device"):
         cluster.gpu_share(from_dict({"runtime": {"device": "cuda"}}))
