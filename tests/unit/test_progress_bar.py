@@ -17,12 +17,23 @@ def test_bar_is_drawn_in_a_pty_without_a_size():
             for _ in range(3):
                 bar.update(1)
             bar.close()
-        os.set_blocking(master, False)
-        out = os.read(master, 65536).decode()
+        os.close(slave)
+        slave = None
+        chunks = []
+        while True:  # everything written, until the closed terminal side reads as EIO
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        out = b"".join(chunks).decode()
     finally:
         os.close(master)
-        os.close(slave)
-    last = out.replace("\r\n", "\r").split("\r")[-2]
+        if slave is not None:
+            os.close(slave)
+    last = [seg for seg in out.replace("\r\n", "\r").split("\r") if seg.startswith("fedavg s0:")][-1]
     assert last.startswith("fedavg s0:  30%|") and "| 3/10 [" in last
     assert len(last) <= 80
 
