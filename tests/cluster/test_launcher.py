@@ -96,6 +96,9 @@ def test_ray_up_submit_exec_down(sshd):
     env.update(RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     ray = str(BIN / "ray")
     runs = d / "runs"
+    # what the launcher and ray submit leave in the SSH user's home (the same user here): removed after
+    left = [Path.home() / n for n in ("ray_bootstrap_config.yaml", "ray_bootstrap_key.pem", "fedray_job.py")]
+    left = [p for p in left if not p.exists()]
     at = ["--set", f"cluster.address=127.0.0.1:{gcs}", "--out", str(runs)]
     try:
         _run([ray, "up", "-y", "--no-config-cache", str(cfg)], env, 600)
@@ -118,3 +121,5 @@ def test_ray_up_submit_exec_down(sshd):
             while Path(f"/proc/{pid}").exists() and time.time() < deadline:
                 time.sleep(0.5)
         subprocess.run([ray, "down", "-y", str(cfg)], cwd=ROOT, env=env, capture_output=True, timeout=300)
+        for p in left:
+            p.unlink(missing_ok=True)
