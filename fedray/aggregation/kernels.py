@@ -205,15 +205,16 @@ def _popcount8(typingctx, byte):
 
 
 @intrinsic
-def _popcount_u64(typingctx, word):
-    """Set bits of one 64-bit word (int64)."""
-    if not isinstance(word, types.Integer) or word.bitwidth != 64:
+def _popcount64(typingctx, word):
+    """Set bits of one unsigned integer of up to 64 bits (zero-extended; int64)."""
+    if not isinstance(word, types.Integer) or word.bitwidth > 64:
         return None
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
         f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
-        return builder.call(f, [args[0]])
+        x = args[0] if word.bitwidth == 64 else builder.zext(args[0], i64)
+        return builder.call(f, [x])
 
     return types.int64(word), codegen
 
@@ -615,18 +616,11 @@ def all_finite(a: np.ndarray) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def _popcount(bits):
-    c = 0
-    for i in range(bits.shape[0]):
-        c += _popcount8(bits[i])
-    return c
-
-
-@njit(cache=True, nogil=True)
-def _popcount_words(words):
+def _popcount(words):
+    """Set bits of an array of unsigned integers (uint8 bytes or uint64 words)."""
     c = 0
     for i in range(words.shape[0]):
-        c += _popcount_u64(words[i])
+        c += _popcount64(words[i])
     return c
 
 
@@ -640,7 +634,7 @@ def popcount(bits: np.ndarray) -> int:
     n = head + (bits.size - head) // 8 * 8 if bits.size > head else bits.size
     c = int(_popcount(bits[:head])) + int(_popcount(bits[n:]))
     if n > head:
-        c += int(_popcount_words(bits[head:n].view(np.uint64)))
+        c += int(_popcount(bits[head:n].view(np.uint64)))
     return c
 
 
