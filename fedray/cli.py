@@ -82,19 +82,13 @@ def _resume_folder(where: str) -> Path:
     return run_dir
 
 
-JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-"""Set by Ray in the driver of every Ray job (``ray job submit``, ``fedray submit``)."""
-JOB_STORAGE = "~/fedray-runs"
-"""Where a run inside a Ray job without ``--storage`` or ``--out`` is stored: the job's working
-directory is a temporary folder that Ray deletes, so ``runs/`` there would be lost."""
-
-
 def _storage(args) -> str | None:
     """``--storage`` checked (and a local path made absolute) before any work starts; inside a
-    Ray job without ``--storage`` (or ``--out``) the durable :data:`JOB_STORAGE`, said in the log."""
+    Ray job without ``--storage`` (or ``--out``) the durable :data:`fedray.storage.JOB_STORAGE`,
+    said in the log."""
     import os
 
-    from fedray.storage import normalize
+    from fedray.storage import JOB_ENV, JOB_STORAGE, normalize
 
     if getattr(args, "storage", None):
         return normalize(args.storage)

@@ -20,6 +20,12 @@ from fedray.errors import ConfigError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray in the driver of every Ray job (``ray job submit``, ``fedray submit``)."""
+JOB_STORAGE = "~/fedray-runs"
+"""Where a run inside a Ray job without ``--storage`` or ``--out`` is stored, on the node running the
+job: the job's working directory is a temporary folder that Ray deletes, so ``runs/`` there would be lost."""
+
 
 def is_uri(storage: str) -> bool:
     """True for ``scheme://...`` strings, False for plain local paths."""

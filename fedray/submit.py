@@ -16,7 +16,7 @@ Conventions:
   machine the default is the absolute path of this caller's
   ``runtime.out_dir``, so the run folder is there when the command returns.
   For a remote head without ``--storage`` the job stores them in ``~/fedray-runs``
-  on the head (a warning says so; see ``fedray.cli.JOB_STORAGE``).
+  on the head (a warning says so; see ``fedray.storage.JOB_STORAGE``).
 - Authentication: Ray's token authentication is handled by Ray's client:
   with ``RAY_AUTH_MODE=token`` the token comes from ``RAY_AUTH_TOKEN`` or
   ``~/.ray/auth_token``. A refused request is one line, exit code 2.
@@ -248,7 +248,7 @@ def _submit(address, command, wd, config_rel, base, overrides, storage, env_file
 
     c = client(address)
     if storage is None:
-        print(f"warning: no --storage given; results are stored in ~/fedray-runs on the head of {address}",
+        print(f"warning: no --storage given; results are stored in {S.JOB_STORAGE} on the head of {address}",
               file=sys.stderr)
     run_path = None
     if resume and command == "run":  # the interrupted run's folder, as the job stored it

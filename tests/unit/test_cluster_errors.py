@@ -56,7 +56,8 @@ def test_a_run_inside_a_ray_job_without_storage_is_stored_durably(tmp_path, monk
     """A Ray job's working directory is deleted with the job: its runs/ would be lost."""
     from argparse import Namespace
 
-    from fedray.cli import JOB_ENV, _storage
+    from fedray.cli import _storage
+    from fedray.storage import JOB_ENV
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv(JOB_ENV, raising=False)
