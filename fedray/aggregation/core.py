@@ -28,7 +28,7 @@ import numpy as np
 from fedray.aggregation import validate
 from fedray.aggregation.accumulate import Contribution
 from fedray.aggregation.defense import Defense
-from fedray.aggregation.kernels import DTYPES, all_finite
+from fedray.aggregation.kernels import all_finite
 from fedray.aggregation.merge import lazy_decode
 from fedray.channel import Channel, Expected
 from fedray.client.state import ClientStateStore
@@ -84,8 +84,8 @@ class AggregatorCore:
         self.seen.add(header.dispatch_id)
         self._window.append(int(header.client_id))
         defer = defer and isinstance(payload, Payload) and payload.state is None
-        reason = validate.check(header, payload, self.params, expected.keys if expected is not None else None,
-                                finite=not defer)
+        keys = expected.keys if expected is not None else None
+        reason = validate.check(header, payload, self.params, keys, finite=not defer)
         limit = self.server.max_staleness()
         if reason is None and limit is not None and self.version - header.base_version > limit:
             reason = "stale"
@@ -97,8 +97,7 @@ class AggregatorCore:
         if reason is None and payload.state is not None and not _finite_state(payload.state):
             reason = "state"
         if reason is not None and defer:  # the reason a full check would have given first
-            reason = validate.check(header, payload, self.params, expected.keys if expected is not None else None) \
-                or reason
+            reason = validate.check(header, payload, self.params, keys) or reason
         if reason is not None:
             self.rejected[reason] += 1
             return reason, None
@@ -222,7 +221,8 @@ class AggregatorCore:
         if not self._unscanned:
             return False
         ids = [e.update.dispatch_id for e in self.pending]
-        late = [d for d, e in zip(ids, self.pending) if d in self._unscanned and not _finite(e)]
+        late = [d for d, e in zip(ids, self.pending) if d in self._unscanned
+                and not validate.deferred_finite(e.contribution.values.source.payload)]
         keep = [e for d, e in zip(ids, self.pending) if d not in late]
         self._unscanned.difference_update(ids)  # (the call's later updates are not buffered yet)
         if not late:
@@ -272,12 +272,6 @@ class AggregatorCore:
         self.store.load_state_dict(state["store"])
         if self.defense is not None and state.get("defense") is not None:
             self.defense.load_state_dict(state["defense"])
-
-
-def _finite(entry: Entry) -> bool:
-    """Are the float32/float64 values of a buffered (payload-backed) update all finite?"""
-    payload = entry.contribution.values.source.payload
-    return all(all_finite(e.values) for e in payload.entries.values() if e.values.dtype in DTYPES)
 
 
 def _finite_state(state) -> bool:

@@ -77,6 +77,11 @@ def _check_entry(e: Entry, ref: np.ndarray, finite: bool = True) -> str | None:
     return None
 
 
+def deferred_finite(payload: Payload) -> bool:
+    """The check ``check(..., finite=False)`` leaves out: are the payload's float32/float64 values finite?"""
+    return all(all_finite(e.values) for e in payload.entries.values() if e.values.dtype in DTYPES)
+
+
 def check(header: Update, payload: Payload | None, model: Mapping[str, np.ndarray],
           expected: Iterable[str] | None = None, finite: bool = True) -> str | None:
     """Reason code if the update must be rejected, else None. ``finite=False`` leaves the
