@@ -277,11 +277,10 @@ def from_dict(data: Mapping, overrides: list[str] | tuple[str, ...] = ()) -> Exp
     """Validate a raw mapping (plus ``key=value`` overrides) into an ExperimentConfig."""
     import copy
 
-    raw, data = data, copy.deepcopy(dict(data))
-    for text in overrides:
-        key, value = parse_override(text)
+    raw, data, pairs = data, copy.deepcopy(dict(data)), [parse_override(t) for t in overrides]
+    for key, value in pairs:
         set_path(data, key, value)
-    config_hints.drop_foreign_model_options(raw.get("model"), data, [parse_override(t)[0] for t in overrides])
+    config_hints.drop_foreign_model_options(raw.get("model"), data, [k for k, _ in pairs])
     method_raw = data.get("method", {}) or {}
     if isinstance(method_raw, str):
         method_raw = {"name": method_raw}
