@@ -134,7 +134,7 @@ def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None, re
 
     from fedray import report as R
     from fedray import storage as S
-    from fedray.runtime import checkpoint, cluster
+    from fedray.runtime import cluster
     from fedray.runtime.progress import make_bar
     from fedray.runtime.runner import Runner
 
@@ -146,8 +146,7 @@ def run(p: ComparePlan, *, progress: bool = True, storage: str | None = None, re
     try:
         for r in p.runs:
             bar.set_postfix_str(f"{r.label} s{r.seed}")
-            action, folder, s = RUNS.choose(r.run_dir, rerun, lambda f, c=r.cfg: checkpoint.exists(
-                checkpoint.of_run(c.runtime.checkpoint_dir, f)))
+            action, folder, s = RUNS.choose_for(r.cfg, rerun, r.run_dir)
             if action == "completed":
                 reused += 1
             else:

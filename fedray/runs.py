@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 __all__ = ["IGNORED", "config_hash", "folder_name", "parse", "attempts", "previous", "next_free", "load_summary",
-           "choose", "place"]
+           "choose", "choose_for", "place"]
 
 # fields that do not change a run's numbers: where it writes, how it reports, where Ray runs it,
 # how many actors share the work (results are identical for any count) and how failures are retried
@@ -117,16 +117,22 @@ def choose(base: Path, rerun: bool, checkpoint_exists) -> tuple[str, Path, dict 
     return "fresh", next_free(base), None
 
 
+def choose_for(cfg, rerun: bool, base: Path | None = None) -> tuple[str, Path, dict | None]:
+    """:func:`choose` for a run of ``cfg`` whose first folder is ``base`` (default ``cfg.run_dir``),
+    its checkpoints where ``cfg`` puts them."""
+    from fedray.runtime import checkpoint
+
+    return choose(base or cfg.run_dir, rerun, lambda f: checkpoint.exists(
+        checkpoint.of_run(cfg.runtime.checkpoint_dir, f)))
+
+
 def place(cfg, rerun: bool = False) -> tuple[str, Path]:
     """``(action, folder)`` of a run of ``cfg`` (:func:`choose`, with its checkpoint folder), with
     one line saying so when the config has a completed run (``"completed"``: stdout) or an
     interrupted one (``"resume"``: stderr). What ``fedray run`` and ``fedray.run`` do."""
     import sys
 
-    from fedray.runtime import checkpoint
-
-    action, folder, s = choose(cfg.run_dir, rerun, lambda f: checkpoint.exists(
-        checkpoint.of_run(cfg.runtime.checkpoint_dir, f)))
+    action, folder, s = choose_for(cfg, rerun)
     if action == "completed":
         m = s.get("metric", "accuracy")
         got = s.get(f"final_{m}")
