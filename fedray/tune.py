@@ -56,11 +56,9 @@ Conventions:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -390,23 +388,6 @@ def _write_text(dest: str, text: str) -> None:
         f.write(text.encode())
 
 
-@contextlib.contextmanager
-def _no_tune_tensorboard():
-    """Tune's own loggers without its TensorBoard one: its event files (one per trial, in the trial
-    folder) would show up as extra runs beside each trial's ``run/tb`` under ``tensorboard --logdir
-    runs``. Tune adds that logger unless ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` is ``1`` when the
-    search starts (the CSV and JSON loggers are then passed explicitly)."""
-    key, old = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
 def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, quiet: bool = False) -> dict:
     """Run (or resume) the search. Returns ``{"path", "best_path", "best_values", "best_metrics",
     "trials", "finished", "interrupted"}``; on interruption no best config is written."""
@@ -448,7 +429,7 @@ def search(spec: TuneSpec, *, storage: str | None = None, resume: bool = False, 
                                           sync_config=tune.SyncConfig(sync_artifacts=True),
                                           callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *lines]),
             )
-        with _no_tune_tensorboard(), tune_space.quiet_tune_output():
+        with tune_space.tune_environment():
             grid = tuner.fit()
     finally:
         if owns and ray.is_initialized():

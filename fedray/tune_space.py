@@ -11,7 +11,7 @@ Conventions:
   (same config, same seed), so the search has ``grid points x min(num_samples, combinations)``
   trials. The points are fixed before the search starts (a ``grid_search`` over their index,
   key :data:`POINT`, with each field resolved from it), so ``--resume`` keeps them.
-- Output: Tune's status tables are off (:func:`quiet_tune_output`); :class:`TrialLines` prints one line per finished (or
+- Output: Tune's status tables are off (:func:`tune_environment`); :class:`TrialLines` prints one line per finished (or
   failed) trial, and the CLI prints the best trial at the end.
 """
 from __future__ import annotations
@@ -67,20 +67,31 @@ def field_values(config: Mapping) -> dict:
     return {k: v for k, v in config.items() if k != POINT}
 
 
+# Tune's switches, set while the search runs and restored afterwards:
+TUNE_ENVIRONMENT = {
+    # the older console engine: at ``verbose=0`` it prints nothing, where the newer one still prints
+    # its experiment box and paths (Ray's documented switch)
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # no TensorBoard logger of Tune's own: its event files (one per trial folder) would show up as
+    # extra runs beside each trial's ``run/tb`` under ``tensorboard --logdir runs`` (the CSV and
+    # JSON loggers are passed explicitly)
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+
+
 @contextlib.contextmanager
-def quiet_tune_output():
-    """Tune's older console engine while the search runs (``RAY_AIR_NEW_OUTPUT=0``, Ray's documented
-    switch): at ``verbose=0`` it prints nothing, where the newer one still prints its experiment
-    box and paths at ``verbose=0``. The previous value is restored afterwards."""
-    old = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+def tune_environment():
+    """:data:`TUNE_ENVIRONMENT` while the search runs, the previous values restored afterwards."""
+    old = {k: os.environ.get(k) for k in TUNE_ENVIRONMENT}
+    os.environ.update(TUNE_ENVIRONMENT)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def trial_count(space: Mapping[str, tuple], num_samples: int) -> int:
