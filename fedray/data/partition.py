@@ -3,7 +3,7 @@
 :func:`partition` returns ``list[np.ndarray]``: one sorted ``int64`` array of training
 example indices per client (client id = list position); a run holds it as
 :class:`Partitions` (one index array and per-client offsets, CSR). Partitions are
-disjoint. ``iid``, ``dirichlet`` and ``shards`` cover every index; ``natural``
+disjoint. ``iid``, ``dirichlet``, ``shards`` and ``classes`` cover every index; ``natural``
 covers every example whose writer is assigned (all of them).
 
 Every random draw uses ``np.random.default_rng([seed, PURPOSE])`` with a fixed
@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 
 from fedray.errors import ConfigError, DataError
 
-KINDS = ("iid", "dirichlet", "shards", "natural")
+KINDS = ("iid", "dirichlet", "shards", "classes", "natural")
 
-_PURPOSE = {"iid": 0x11D, "dirichlet": 0xD1C, "shards": 0x5A4D, "natural": 0x4A7}
+_PURPOSE = {"iid": 0x11D, "dirichlet": 0xD1C, "shards": 0x5A4D, "classes": 0xC1A5, "natural": 0x4A7}
 _MAX_DIRICHLET_ATTEMPTS = 1000
 
 
@@ -103,6 +103,12 @@ def partition(
       class is cut into a number of shards proportional to its size, at
       least one), so a client sees at most ``classes_per_client`` classes.
       Needs ``number of classes <= num_clients * classes_per_client <= n``.
+    - ``classes``: exactly ``k = classes_per_client`` classes per client (the "#C=k" split
+      of NIID-Bench, Li et al. 2022). Our reading, so that every example is used: a seeded
+      permutation of the classes is dealt round-robin to the clients first (every class gets
+      a holder), then each client draws its remaining classes at random among those it lacks;
+      each class's shuffled examples are cut into nearly equal parts, one per holder.
+      Needs ``num_classes <= num_clients * k`` and ``k <= num_classes``.
     - ``natural``: one part per writer (``writers[i]`` = writer of example
       i). With fewer clients than writers, the writers are shuffled (seeded)
       and cut into ``num_clients`` contiguous groups of nearly equal writer
@@ -135,6 +141,8 @@ def partition(
         parts = _dirichlet(labels, num_clients, float(alpha), min_size, rng)
     elif kind == "shards":
         parts = _shards(labels, num_clients, classes_per_client, rng)
+    elif kind == "classes":
+        parts = _classes(labels, num_clients, classes_per_client, rng)
     else:
         parts = _natural(writers, num_clients, n, rng)
     out = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
@@ -211,6 +219,34 @@ def _shards(labels: np.ndarray, num_clients: int, classes_per_client: int, rng: 
         shards.extend(np.array_split(rng.permutation(np.flatnonzero(labels == c)), int(k)))
     order = rng.permutation(num_shards)
     return [np.concatenate([shards[s] for s in order[i * classes_per_client : (i + 1) * classes_per_client]]) for i in range(num_clients)]
+
+
+def _classes(labels: np.ndarray, num_clients: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError("data.partition.classes_per_client", f"must be a positive integer, got {k!r}")
+    classes, class_sizes = np.unique(labels, return_counts=True)
+    n_cls, k = classes.size, int(k)
+    if k > n_cls or num_clients * k < n_cls:
+        raise ConfigError("data.partition.classes_per_client",
+                          f"{num_clients} clients x {k} classes each cannot cover the {n_cls} classes exactly "
+                          f"(needs {n_cls} <= clients x k and k <= {n_cls})")
+    held = [[] for _ in range(num_clients)]
+    for s, c in enumerate(rng.permutation(n_cls)):  # every class first gets one holder
+        held[s % num_clients].append(int(c))
+    for h in held:  # then each client fills up to k with classes it lacks
+        h.extend(int(c) for c in rng.choice(np.setdiff1d(np.arange(n_cls), h), k - len(h), replace=False))
+    held_arr = np.array(held, dtype=np.int64)  # (clients, k)
+    holders = [np.flatnonzero((held_arr == c).any(axis=1)) for c in range(n_cls)]
+    crowded = [c for c in range(n_cls) if len(holders[c]) > class_sizes[c]]
+    if crowded:
+        raise ConfigError("data.partition.classes_per_client", f"class {classes[crowded[0]]} has "
+                          f"{class_sizes[crowded[0]]} examples for {len(holders[crowded[0]])} clients; lower it or data.num_clients")
+    buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(n_cls):
+        chunks = np.array_split(rng.permutation(np.flatnonzero(labels == classes[c])), len(holders[c]))
+        for i, chunk in zip(holders[c], chunks):
+            buckets[i].append(chunk)
+    return [np.concatenate(b) for b in buckets]
 
 
 def _natural(writers: np.ndarray | None, num_clients: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
