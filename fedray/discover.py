@@ -26,7 +26,9 @@ KINDS = ("methods", "models", "datasets", "defenses")
 _MODEL_TEXT = {
     "mlp": "Flatten, Linear + ReLU per hidden size, output Linear (any input)",
     "cnn": "conv3x3 + ReLU + maxpool per channel entry, Linear + ReLU per hidden size (image inputs)",
-    "vgg11": "VGG-11, CIFAR configuration, optional batch norm (image inputs)",
+    "leaf_cnn": "LEAF FEMNIST CNN: conv5x5 32, conv5x5 64 (each + ReLU + maxpool), Linear 2048, output (image inputs)",
+    "vgg11": "VGG-11, CIFAR configuration, optional batch norm (image inputs; under 32x32, e.g. 28x28, "
+             "the pools that would leave less than 1x1 are skipped)",
     "resnet18": "ResNet-18, CIFAR variant (3x3 stem, no max-pool; image inputs)",
 }
 # the robust rule behind each defense.rule name (fedray.aggregation.robust), "mean": none

@@ -1,4 +1,4 @@
-"""Model zoo: ``mlp``, ``cnn``, ``vgg11`` and ``resnet18`` (CIFAR variants).
+"""Model zoo: ``mlp``, ``cnn``, ``leaf_cnn``, ``vgg11`` and ``resnet18`` (CIFAR variants).
 
 ``fedray.models.factory.build_model(name, input_shape, num_classes, options=...)`` returns a
 freshly initialised ``nn.Module`` (a zoo name or a user model's import path). Initialisation
@@ -36,6 +36,11 @@ Per-model options:
               (``fcs.i``), then the output Linear (``fcs.{len(hidden)}``).
               Works for any input whose side survives the pools
               (8x8 digits, 28x28, 32x32x3 ...).
+``leaf_cnn``  ``width`` (float multiplier, default 1.0). The LEAF FEMNIST CNN
+              (Caldas et al., 2018): conv5x5(pad 2) 32 + ReLU + maxpool(2), conv5x5
+              64 + ReLU + maxpool(2), Linear 2048 + ReLU, Linear num_classes; the
+              ``cnn`` class with kernel 5 (modules ``convs.0-1``, ``fcs.0-1``), 6.50M
+              parameters on 28x28 with 10 classes.
 ``vgg11``     ``batch_norm`` (default True), ``width`` (float multiplier of
               all conv channels, default 1.0). Features follow the CIFAR
               configuration [64,M,128,M,256,256,M,512,512,M,512,512,M] (each
@@ -43,7 +48,12 @@ Per-model options:
               ``features.i``). Head: our choice is the single
               ``classifier = Linear(512 x H' x W', num_classes)`` of the common
               CIFAR VGG (H' = W' = 1 for 32x32 inputs), about 9.23M parameters
-              at width 1 with batch norm.
+              at width 1 with batch norm. Inputs under 32x32 (28x28 MNIST / FEMNIST,
+              8x8 digits): a max-pool that would leave less than 1x1 is an
+              ``nn.Identity`` instead, so for 28x28 the last pool is dropped
+              (28 -> 14 -> 7 -> 3 -> 1, then 1x1) and the head is Linear(512, classes),
+              as the common MNIST ports of the CIFAR VGG do; the same 8 convs and
+              parameters as on 32x32, module names unchanged.
 ``resnet18``  ``width`` (float multiplier of 64/128/256/512, default 1.0). CIFAR
               variant: 3x3 stride-1 stem conv + BN + ReLU, no max-pool, four
               stages of two BasicBlocks (strides 1,2,2,2), global average
@@ -64,40 +74,14 @@ import torch
 from torch import nn
 
 from fedray.errors import ConfigError
+from fedray.models.options import _image_shape, _int_list, _positive_float, _scaled, _widths
 
 Links = list[tuple[str, tuple[str, ...]]]
 
 _COMMON_OPTIONS = ("widths", "width_ratio")
 
 
-# --------------------------------------------------------------------------- option helpers
-
-def _int_list(value: Any, field: str, *, allow_empty: bool) -> list[int]:
-    if isinstance(value, bool):
-        raise ConfigError(field, f"expected a positive integer or a list of them, got {value!r}")
-    if isinstance(value, int):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(field, f"expected a positive integer or a list of them, got {value!r}")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(field, f"expected positive integers, got {v!r}")
-        out.append(int(v))
-    if not out and not allow_empty:
-        raise ConfigError(field, "must not be empty")
-    return out
-
-
-def _positive_float(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ConfigError(field, f"expected a positive number, got {value!r}")
-    return float(value)
-
-
-def _scaled(c: int, width: float) -> int:
-    return max(1, int(round(c * width)))
-
+# --------------------------------------------------------------------------- option check
 
 def _check_options(name: str, options: Mapping[str, Any]) -> None:
     allowed = OPTIONS[name]
@@ -105,30 +89,6 @@ def _check_options(name: str, options: Mapping[str, Any]) -> None:
         if key not in allowed and key not in _COMMON_OPTIONS:
             choices = ", ".join(sorted(set(allowed) | set(_COMMON_OPTIONS)))
             raise ConfigError(f"model.options.{key}", f"unknown option for model '{name}'; choose from: {choices}")
-
-
-def _widths(options: Mapping[str, Any], defaults: Mapping[str, int]) -> dict[str, int]:
-    """Resolve the ``widths`` option against the model's prunable layers and their defaults."""
-    raw = options.get("widths") or {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError("model.options.widths", f"expected a mapping layer -> size, got {type(raw).__name__}")
-    out = dict(defaults)
-    for layer, n in raw.items():
-        if layer not in defaults:
-            raise ConfigError("model.options.widths",
-                              f"unknown prunable layer '{layer}'; choose from: {', '.join(defaults)}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError("model.options.widths", f"size of '{layer}' must be a positive integer, got {n!r}")
-        out[layer] = int(n)
-    return out
-
-
-def _image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
-    if len(input_shape) == 2:
-        input_shape = (1, *input_shape)
-    if len(input_shape) != 3 or any(int(s) < 1 for s in input_shape):
-        raise ConfigError("model.name", f"model '{name}' needs image inputs (C, H, W); got shape {tuple(input_shape)}")
-    return tuple(int(s) for s in input_shape)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- MLP
@@ -167,15 +127,15 @@ def _build_mlp(input_shape, num_classes, options) -> nn.Module:
 # --------------------------------------------------------------------------- CNN
 
 class CNN(nn.Module):
-    """[conv3x3 -> ReLU -> maxpool2] per channel entry, flatten, [Linear -> ReLU] per hidden, Linear."""
+    """[conv kxk (pad k//2) -> ReLU -> maxpool2] per channel entry, flatten, [Linear -> ReLU] per hidden, Linear."""
 
     def __init__(self, in_shape: tuple[int, int, int], channels: Sequence[int], hidden: Sequence[int],
-                 num_classes: int):
+                 num_classes: int, kernel: int = 3):
         super().__init__()
         c, h, w = in_shape
         convs = []
         for out in channels:
-            convs.append(nn.Conv2d(c, out, kernel_size=3, padding=1))
+            convs.append(nn.Conv2d(c, out, kernel_size=kernel, padding=kernel // 2))
             c, h, w = out, h // 2, w // 2
         if h < 1 or w < 1:
             raise ConfigError("model.options.channels",
@@ -211,6 +171,15 @@ def _build_cnn(input_shape, num_classes, options) -> nn.Module:
                [widths[f"fcs.{i}"] for i in range(len(hidden))], num_classes)
 
 
+def _build_leaf_cnn(input_shape, num_classes, options) -> nn.Module:
+    _check_options("leaf_cnn", options)
+    shape = _image_shape(input_shape, "leaf_cnn")
+    width = _positive_float(options.get("width", 1.0), "model.options.width")
+    widths = _widths(options, {"convs.0": _scaled(32, width), "convs.1": _scaled(64, width),
+                               "fcs.0": _scaled(2048, width)})
+    return CNN(shape, [widths["convs.0"], widths["convs.1"]], [widths["fcs.0"]], num_classes, kernel=5)
+
+
 # --------------------------------------------------------------------------- VGG-11
 
 VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -238,9 +207,10 @@ class VGG(nn.Module):
         layers: list[nn.Module] = []
         it = iter(conv_channels)
         for v in VGG11_CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-                h, w = h // 2, w // 2
+            if v == "M":  # a pool that would leave less than 1x1 is an Identity (keeps features.i names)
+                shrink = h >= 2 and w >= 2
+                layers.append(nn.MaxPool2d(2) if shrink else nn.Identity())
+                h, w = (h // 2, w // 2) if shrink else (h, w)
             else:
                 out = next(it)
                 layers.append(nn.Conv2d(c, out, kernel_size=3, padding=1))
@@ -248,8 +218,6 @@ class VGG(nn.Module):
                     layers.append(nn.BatchNorm2d(out))
                 layers.append(nn.ReLU(inplace=True))
                 c = out
-        if h < 1 or w < 1:
-            raise ConfigError("model.name", f"vgg11 needs inputs of at least 32x32; got {tuple(in_shape)}")
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c * h * w, num_classes)
         self._conv_names = _vgg_conv_names(batch_norm)
@@ -365,12 +333,13 @@ def _build_resnet18(input_shape, num_classes, options) -> nn.Module:
 Builder = Callable[[tuple[int, ...], int, Mapping[str, Any]], nn.Module]
 
 # each model's own options (besides the common ``widths`` and ``width_ratio``)
-OPTIONS: dict[str, tuple[str, ...]] = {"mlp": ("hidden",), "cnn": ("channels", "hidden"),
+OPTIONS: dict[str, tuple[str, ...]] = {"mlp": ("hidden",), "cnn": ("channels", "hidden"), "leaf_cnn": ("width",),
                                        "vgg11": ("batch_norm", "width"), "resnet18": ("width",)}
 
 MODELS: dict[str, Builder] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
+    "leaf_cnn": _build_leaf_cnn,
     "vgg11": _build_vgg11,
     "resnet18": _build_resnet18,
 }

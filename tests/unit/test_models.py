@@ -11,7 +11,7 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def test_registry_names():
-    assert set(MODELS) == {"mlp", "cnn", "vgg11", "resnet18"}
+    assert set(MODELS) == {"mlp", "cnn", "leaf_cnn", "vgg11", "resnet18"}
 
 
 def test_unknown_model_is_config_error_naming_field_and_choices():
@@ -19,7 +19,7 @@ def test_unknown_model_is_config_error_naming_field_and_choices():
         build_model("lenet", (1, 8, 8), 10)
     assert err.value.field == "model.name"
     assert "unknown model 'lenet'" in str(err.value)
-    assert "mlp, cnn, vgg11, resnet18" in str(err.value)
+    assert "mlp, cnn, leaf_cnn, vgg11, resnet18" in str(err.value)
     assert "\n" not in str(err.value)
 
 
@@ -93,8 +93,9 @@ def test_vgg11_params_and_forward():
     small = build_model("vgg11", (3, 32, 32), 10, options={"width": 0.125})
     assert small.state_dict()["features.0.weight"].shape[0] == 8
     assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(ConfigError):
-        build_model("vgg11", (1, 8, 8), 10)
+    # under 32x32 the pools that would leave less than 1x1 are skipped (8x8: the last two)
+    tiny = build_model("vgg11", (1, 8, 8), 10, options={"width": 0.125})
+    assert tuple(tiny.classifier.weight.shape) == (10, 64) and tiny(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
 def test_resnet18_forward_and_structure():
