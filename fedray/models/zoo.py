@@ -174,6 +174,8 @@ def _build_cnn(input_shape, num_classes, options) -> nn.Module:
 def _build_leaf_cnn(input_shape, num_classes, options) -> nn.Module:
     _check_options("leaf_cnn", options)
     shape = _image_shape(input_shape, "leaf_cnn")
+    if min(shape[1:]) < 4:
+        raise ConfigError("model.name", f"leaf_cnn's two pools need inputs of at least 4x4; got {shape}")
     width = _positive_float(options.get("width", 1.0), "model.options.width")
     widths = _widths(options, {"convs.0": _scaled(32, width), "convs.1": _scaled(64, width),
                                "fcs.0": _scaled(2048, width)})

@@ -76,6 +76,9 @@ def test_leaf_cnn_width_multiplier_and_bad_option():
     with pytest.raises(ConfigError) as e:
         build_model("leaf_cnn", MNIST, 10, options={"width": 0})
     assert e.value.field == "model.options.width"
+    with pytest.raises(ConfigError) as e:  # its own field, not cnn's model.options.channels
+        build_model("leaf_cnn", (1, 3, 3), 10)
+    assert e.value.field == "model.name" and "4x4" in str(e.value)
 
 
 def test_fedray_list_shows_the_new_entries():
