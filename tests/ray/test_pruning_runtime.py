@@ -50,3 +50,16 @@ def test_method_runs_end_to_end(ray_session, tmp_path, name):
     table = pd.read_parquet(Path(summary["run_dir"]) / "metrics.parquet")
     updates = table[table["event"] == "update"]
     assert len(updates) > 0 and updates[column].notna().all()
+
+
+def test_structured_autoflip_executes_fewer_flops_than_fedavg(ray_session, tmp_path):
+    """Regression: AutoFLIP's structured part only zeroed whole neurons of the full model, so its
+    executed ``train_flops`` exceeded FedAvg's (exploration round included); now it trains the
+    compact model and the sparse FLOPs (unmasked weights only) sit below the executed ones."""
+    flip = Runner(_cfg("autoflip", {"explore_epochs": 1, "q": 0.6}, tmp_path)).run()
+    avg = Runner(_cfg("fedavg", {}, tmp_path)).run()
+    assert flip["train_flops"] < avg["train_flops"]
+    assert flip["sparse_train_flops"] < flip["train_flops"]
+    table = pd.read_parquet(Path(flip["run_dir"]) / "metrics.parquet")
+    phase1 = table[(table["event"] == "update") & (table["phase"] == 1)]
+    assert len(phase1) > 0 and (phase1["bytes_up"] < table[table["phase"] == 0]["bytes_up"].min()).all()
