@@ -138,7 +138,8 @@ class ModelInfo:
             f = layer.forward_flops
             m = mask.get(layer.weight_key)
             total += f
-            scaled += f * (int(np.count_nonzero(m)) / math.prod(spec.shapes[layer.weight_key]) if m is not None else 1.0)
+            density = np.count_nonzero(m) / math.prod(spec.shapes[layer.weight_key]) if m is not None else 1.0
+            scaled += f * float(density)
         return scaled / total if total else 1.0
 
     # ------------------------------------------------------------ compact models
