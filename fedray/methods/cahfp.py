@@ -44,8 +44,10 @@ Costs (the submodel's): the compact model's training FLOPs per example come from
 the spec of the compact model of ``width_keep`` sizes (the sizes -- hence FLOPs
 and bytes -- are the same whichever channels the client keeps); the scoring pass
 costs a forward and backward pass of the full model on every scored example
-(``extra_flops``); the upload is the slice encoding of such a mask plus the kept
-indices; the client downloads the full model (it scores its channels on it).
+(``extra_flops``, on scoring dispatches); the upload is the slice encoding of such a
+mask plus, when it scored, the kept indices (and the curvature terms with server
+scoring); the client downloads the full model (it scores its channels on it) and,
+with server scoring, when it scores, the server's scores.
 
 Server: per-coordinate masked mean weighted by example count
 (:func:`fedray.aggregation.rules.masked_mean`). Every dispatch records
