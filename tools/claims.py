@@ -139,6 +139,12 @@ def cahfp(runs) -> list[str]:
     return out
 
 
+def change(x: float, base: float, down: str, up: str) -> str:
+    """``x`` against ``base`` in words: "30% fewer", "13% more"."""
+    d = (1 - x / base) * 100
+    return f"{d:.0f}% {down}" if d >= 0 else f"{-d:.0f}% {up}"
+
+
 def autoflip(runs) -> list[str]:
     labs = [x for x in ("autoflip", "fedavg", "fedavg_momentum", "random_prune") if x in runs]
     out = table(runs, labs, [("final acc", lambda s: f"{s['final_accuracy']:.3f}"),
@@ -154,9 +160,9 @@ def autoflip(runs) -> list[str]:
         ff = mean(runs, base, lambda s: s["train_flops"])
         bf = mean(runs, base, lambda s: s["bytes_up"] + s["bytes_down"])
         af = mean(runs, base, lambda s: s["final_accuracy"])
-        out.append(f"{chr(10) if first else ''}AutoFLIP vs {base}: executed FLOPs {(1 - fa / ff) * 100:.0f}% fewer "
-                   f"(claim ~49%) -> {verdict(fa < ff)} (sparse-kernel FLOPs {(1 - sa / ff) * 100:.0f}% fewer); "
-                   f"communication {(1 - ba / bf) * 100:.0f}% less (claim ~35%) -> {verdict(ba < bf)}; "
+        out.append(f"{chr(10) if first else ''}AutoFLIP vs {base}: executed FLOPs {change(fa, ff, 'fewer', 'more')} "
+                   f"(claim ~49% fewer) -> {verdict(fa < ff)} (sparse-kernel FLOPs {change(sa, ff, 'fewer', 'more')}); "
+                   f"communication {change(ba, bf, 'less', 'more')} (claim ~35% less) -> {verdict(ba < bf)}; "
                    f"accuracy {aa:.3f} vs {af:.3f} (claim: equal or better) -> {verdict(aa >= af - 0.01)}")
         first = False
     if "random_prune" in runs:
