@@ -316,6 +316,27 @@ def plot(records: list[RunRecord], out: Path) -> list[Path]:
     return report_plots.plot(groups, sorted({r.experiment for r in records}), out)
 
 
+def compact_section(records: list[RunRecord]) -> list[str]:
+    """Markdown lines listing every client's compact model (``compact_by_client`` of the runs that
+    train physically smaller models, e.g. CA-HFP): per method label, the distinct sizes and the
+    clients that train each (the first seed's run; a client's size does not depend on the seed)."""
+    lines = []
+    for (exp, label), runs in group(records).items():
+        per = runs[0].summary.get("compact_by_client")
+        if not isinstance(per, dict) or not per:
+            continue
+        sizes: dict[tuple, list[int]] = {}
+        for c, v in per.items():
+            sizes.setdefault((int(v["flops"]), int(v["params"])), []).append(int(c))
+        for (flops, params), clients in sorted(sizes.items(), reverse=True):
+            lines.append(f"| {label} | {fmt(flops, 'count')} | {fmt(params, 'count')} | "
+                         f"{len(clients)}: {', '.join(map(str, sorted(clients)))} |")
+    if not lines:
+        return []
+    return ["Compact model of every client (forward FLOPs per example, trainable parameters):", "",
+            "| method | FLOPs | parameters | clients |", "|---|---|---|---|", *lines, ""]
+
+
 def write_report(root: str | Path, out: str | Path | None = None, *, only=None) -> dict:
     """Read every run folder under ``root`` and write ``report.md``, ``report.csv`` and the plots
     into ``out`` (default ``<root>/report``). ``only`` (run folder paths) restricts the report to
@@ -338,6 +359,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, only=None) 
     glossary = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
     explained = "Every metric (SDIR, time to target, sparse FLOPs, energy, ...) is explained in docs/metrics.md"
     md += [f"{explained.replace('docs/metrics.md', f'[docs/metrics.md]({glossary})')}.", ""]
+    md += compact_section(records)
     for p in plots:
         md += [f"![{p.stem}]({p.name})", ""]
     md += [f"Plots: the mean over seeds per method; {report_plots.BAND}.", ""]

@@ -138,6 +138,8 @@ class ClientWorker:
                 p.index = self.info.spec_for(self.cfg.method.name).slice_index(sub.keep)
                 p.model = self._compact_model(sub.keep)
                 run.start = extract(params, p.index)
+                if sub.mask is not None:  # an unstructured mask inside the kept channels
+                    p.mask = {k: v.astype(bool, copy=False) for k, v in extract(sub.mask, p.index).items()}
             else:
                 p.model = self.model
                 run.start = dict(p.download)
@@ -183,6 +185,8 @@ class ClientWorker:
                 trained = {k: trained[k].numpy().copy() for k in keys}
             if p.index is not None:
                 values, send = scatter(trained, p.index, params)
+                if run.submodel.mask is not None:
+                    send = {k: m & run.submodel.mask[k] if k in run.submodel.mask else m for k, m in send.items()}
             else:
                 send, values = p.mask, trained
             extras = self.algorithm.finalize(run)

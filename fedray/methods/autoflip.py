@@ -22,7 +22,16 @@ stops is only known afterwards.
 
 Phase 1 -- FL on the masked model. Sampled clients train the submodel with
 ``mask = M`` (the trainer restores every uncovered coordinate,
-i.e. zero, after every optimiser step) and send their delta. Server:
+i.e. zero, after every optimiser step) and send their delta. With the
+structured part (``structured: true``, a zoo model) the removed filters /
+neurons are gone physically: the submodel is the width keep set of the
+channels ``M`` still covers (:func:`fedray.submodel.width.mask_keep`) plus
+``M`` inside them, so the client trains the compact model (the same machinery
+as HeteroFL / CA-HFP) and the executed training FLOPs (``train_flops``) are the
+compact model's dense FLOPs; ``sparse_train_flops`` (only the unmasked
+weights of the compact layers) is reported beside them. The server keeps
+``M`` within those channels (a channel no coordinate of which survives is cut
+with its consumers' input columns). Server:
 ``target = theta + masked mean of the deltas`` (weights ``n_i``); server
 momentum on the trainable parameters
 (:func:`fedray.aggregation.rules.momentum_step`, ``server_lr``,
@@ -52,7 +61,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fedray import seeding
+from fedray import plugins, seeding
 from fedray.aggregation import rules
 from fedray.methods.base import Aggregation, Assignment, ClientAlgorithm, Method, Planner, Server
 from fedray.methods.registry import register
@@ -60,6 +69,7 @@ from fedray.params import POS, UNIT, _f
 from fedray.pruning.exploration import guidance, hybrid_mask, random_mask, refresh_guidance
 from fedray.submodel import masks as M
 from fedray.submodel.submodel import Submodel
+from fedray.submodel.width import keep_mask, mask_keep
 
 
 @dataclass(frozen=True)
@@ -110,9 +120,19 @@ class PrunedPlanner(Planner):
             return Assignment(client_id=c, local_epochs=self.params.explore_epochs, client=(("explore", True),),
                               info=(("phase", 0), ("density", 1.0)))
         if self._sub is None:
-            self._sub = Submodel(mask=self.state.mask, download=self.state.mask)
+            self._sub = self._submodel(self.state.mask)
         return Assignment(client_id=c, submodel=self._sub, send="delta",
                           info=(("phase", 1), ("density", self.density())))
+
+    def _submodel(self, mask) -> Submodel:
+        """The compact model of the channels ``mask`` covers plus ``mask`` inside them, when a
+        channel is gone (structured part, zoo model); otherwise the masked full model."""
+        spec = self.ctx.spec
+        if self.params.structured and not plugins.is_import_path(self.ctx.cfg.model.name):
+            keep = mask_keep(spec, mask)
+            if any(len(keep[g.layer]) < g.size for g in spec.groups):
+                return Submodel(keep=keep, mask=mask, download=mask)
+        return Submodel(mask=mask, download=mask)
 
     def receive(self, message: Mapping) -> None:
         if "mask" in message:
@@ -134,10 +154,18 @@ class PrunedServer(Server):
     def make_mask(self, base, explored) -> M.Mask:
         raise NotImplementedError
 
+    def within_channels(self, mask: M.Mask) -> M.Mask:
+        """``mask`` cut to the channels it covers (what the compact client model trains), with
+        the structured part; without it ``mask`` as it is."""
+        if not self.params.structured:
+            return mask
+        spec = self.ctx.spec
+        return M.intersect(mask, keep_mask(spec, mask, mask_keep(spec, mask)))
+
     def aggregate(self, global_params, entries, record):
         st, p = self.state, self.params
         if st.mask is None:
-            st.mask = self.make_mask(global_params, [e.contribution.values for e in entries])
+            st.mask = self.within_channels(self.make_mask(global_params, [e.contribution.values for e in entries]))
             return Aggregation(M.apply(global_params, st.mask), message={"mask": st.mask})
         contribs = [e.contribution for e in entries]
         zero = {k: np.zeros_like(v) for k, v in global_params.items()}
@@ -152,7 +180,7 @@ class PrunedServer(Server):
         message = None
         if getattr(p, "refresh", False):
             g = refresh_guidance([c.values for c in contribs], keys=self.weight_keys)
-            st.mask = M.intersect(st.mask, hybrid_mask(self.ctx.spec, g, p.q, p.structured))
+            st.mask = self.within_channels(M.intersect(st.mask, hybrid_mask(self.ctx.spec, g, p.q, p.structured)))
             message = {"mask": st.mask}
         return Aggregation(M.apply(new, st.mask), message=message)
 

@@ -48,6 +48,6 @@ class FedAvgDeadline(FedAvg):
     Planner = DeadlinePlanner
 
     @dataclass(frozen=True)
-    class Params:
+    class Params(FedAvg.Params):
         deadline_factor: float = _f(1.5, check=AT_LEAST_ONE,
                                     doc="round deadline = factor x median predicted round time")

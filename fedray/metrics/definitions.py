@@ -74,9 +74,26 @@ def summarize(table: pa.Table, *, slow_total: int, metric: str = "accuracy") -> 
         s = ups["staleness"].dropna().astype(int)
         out["staleness_hist"] = {str(k): int(v) for k, v in s.value_counts().sort_index().items()}
         out["staleness_mean"] = float(s.mean()) if len(s) else 0.0
+    if "compact_flops" in df.columns and len(df):
+        out.update(compact_by_client(df[df["event"].isin(RESOLVED)]))
     ev = df[df["event"] == "eval"] if len(df) else df
     if len(ev) and metric in ev.columns:
         best = float(ev[metric].max())
         flops = float(df["train_flops"].fillna(0).sum())
         out["flops_per_accuracy_point"] = flops / (100 * best) if best > 0 else math.inf
     return out
+
+
+def compact_by_client(rows) -> dict:
+    """Every client's compact model (the ``compact_flops`` / ``compact_params`` its dispatches
+    recorded; a client's keep ratio is fixed, so the last one): ``compact_by_client`` =
+    ``{client: {"flops": forward FLOPs per example, "params": trainable parameters}}`` and the
+    means over the clients, ``compact_flops_mean`` / ``compact_params_mean``."""
+    rows = rows.dropna(subset=["compact_flops"])
+    if not len(rows):
+        return {}
+    last = rows.groupby("client_id")[["compact_flops", "compact_params"]].last()
+    per = {str(int(c)): {"flops": int(r["compact_flops"]), "params": int(r["compact_params"])}
+           for c, r in last.iterrows()}
+    return {"compact_by_client": per, "compact_flops_mean": float(last["compact_flops"].mean()),
+            "compact_params_mean": float(last["compact_params"].mean())}

@@ -16,6 +16,7 @@ model the run trains. Every cost question goes through it:
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
@@ -122,20 +123,23 @@ class ModelInfo:
             model.train(was)
         return int(counter.get_total_flops() // max(len(x), 1))
 
-    def sparse_factor(self, mask) -> float:
+    def sparse_factor(self, mask, sizes: Mapping[str, int] | None = None) -> float:
         """FLOPs a sparse kernel would execute relative to the dense ones: every layer's forward
         FLOPs scaled by the density of its weight under ``mask`` (1 where the mask does not
         cover the weight, e.g. a frozen layer's forward pass). Unstructured masks save no
-        work in dense kernels; AutoFLIP's and PR-FL's published FLOPs count the sparse ones."""
+        work in dense kernels; AutoFLIP's and PR-FL's published FLOPs count the sparse ones.
+        With ``sizes`` (a compact model, the mask inside its kept channels) the layers and the
+        densities are the compact model's: covered weights / the compact weight's size."""
         if mask is None:
             return 1.0
-        spec = self.spec_for("a masked submodel")
+        spec = self.spec_for("a masked submodel") if sizes is None else self.compact_spec(sizes)
         total = scaled = 0.0
         for layer in spec.layers:
             f = layer.forward_flops
             m = mask.get(layer.weight_key)
             total += f
-            scaled += f * (float(m.mean()) if m is not None else 1.0)
+            density = np.count_nonzero(m) / math.prod(spec.shapes[layer.weight_key]) if m is not None else 1.0
+            scaled += f * float(density)
         return scaled / total if total else 1.0
 
     # ------------------------------------------------------------ compact models

@@ -39,7 +39,7 @@ from fedray.models.factory import build_compact
 from fedray.models.spec import Index, ModelSpec, extract, scatter
 from fedray.submodel.masks import Mask
 
-__all__ = ["fisher_and_grad", "group_scores", "keep_top", "compact_submodel", "reconstruct"]
+__all__ = ["fisher_and_grad", "group_terms", "group_scores", "keep_top", "compact_submodel", "reconstruct"]
 
 
 def _np(x: Any) -> np.ndarray:
@@ -82,13 +82,17 @@ def fisher_and_grad(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     return {n: v / count for n, v in g.items()}, {n: v / count for n, v in h.items()}
 
 
-def group_scores(spec: ModelSpec, params: Mapping[str, Any], grad: Mapping[str, np.ndarray],
-                 fisher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``{layer: S_G per output channel}`` for every prunable group of ``spec`` (float64)."""
+def group_terms(spec: ModelSpec, params: Mapping[str, Any], grad: Mapping[str, np.ndarray],
+                fisher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{layer: (2, C) float64}`` per prunable group: row 0 ``sum_{j in G} -g_j w_j``, row 1
+    ``sum_{j in G} 0.5 h_j w_j^2`` (the two terms of :func:`group_scores`, before the absolute
+    value). Both are linear in ``g`` and ``h`` at fixed ``w``, so the example-weighted mean of
+    clients' terms at one global model is the terms of their aggregated gradient and Fisher
+    (CA-HFP's server scoring)."""
     trainable = set(spec.param_keys)
     out = {}
     for grp in spec.groups:
-        total = np.zeros(grp.size, dtype=np.float64)
+        total = np.zeros((2, grp.size), dtype=np.float64)
         for key, axis in grp.out_slices:
             if key not in trainable:
                 continue  # BatchNorm running statistics: no gradient
@@ -100,11 +104,16 @@ def group_scores(spec: ModelSpec, params: Mapping[str, Any], grad: Mapping[str, 
             hj = np.asarray(fisher[key], dtype=np.float64)
             if not (w.shape == gj.shape == hj.shape):
                 raise ValueError(f"shapes of {key!r} differ: params {w.shape}, grad {gj.shape}, fisher {hj.shape}")
-            term = -gj * w + 0.5 * hj * w * w
-            term = np.moveaxis(term, axis, 0).reshape(grp.size, -1).sum(axis=1)
-            total += term
-        out[grp.layer] = np.abs(total)
+            for row, term in enumerate((-gj * w, 0.5 * hj * w * w)):
+                total[row] += np.moveaxis(term, axis, 0).reshape(grp.size, -1).sum(axis=1)
+        out[grp.layer] = total
     return out
+
+
+def group_scores(spec: ModelSpec, params: Mapping[str, Any], grad: Mapping[str, np.ndarray],
+                 fisher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{layer: S_G per output channel}`` for every prunable group of ``spec`` (float64)."""
+    return {layer: np.abs(t.sum(axis=0)) for layer, t in group_terms(spec, params, grad, fisher).items()}
 
 
 def keep_top(spec: ModelSpec, scores: Mapping[str, np.ndarray], ratio: float) -> dict[str, np.ndarray]:

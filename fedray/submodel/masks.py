@@ -52,7 +52,7 @@ def is_subset(a: Mask, b: Mask) -> bool:
 
 
 def intersect(a: Mask, b: Mask) -> Mask:
-    return {k: a[k] & b[k] for k in a.keys() & b.keys()}
+    return {k: a[k] & b[k] for k in a if k in b}
 
 
 def union(a: Mask, b: Mask) -> Mask:

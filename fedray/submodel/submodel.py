@@ -11,7 +11,9 @@ fields describe the work, never a method:
 - ``keep`` / ``widths``: a *physically smaller* model. ``keep = {layer: channels}`` fixes the
   kept channels of each prunable layer (HeteroFL's first ``ceil(beta C)``); ``widths =
   {layer: n}`` fixes only their number and lets the client pick which (CA-HFP's curvature
-  scores). Either way the compact model's FLOPs and bytes depend only on the sizes;
+  scores). Either way the compact model's FLOPs and bytes depend only on the sizes; with
+  ``keep``, ``mask`` may also be given: the coordinates trained and sent inside the kept
+  channels (it must lie within them), an unstructured mask on the compact model;
 - ``extras``: the extra arrays the client sends beside the trained values (PR-FL's squared
   gradients, CA-HFP's kept-channel indices, SCAFFOLD's control-variate delta), declared
   here so their bytes are known when the dispatch is costed;
@@ -115,8 +117,9 @@ class Submodel:
     def cost(self, model: "ModelInfo", channel: "Channel") -> SubmodelCost:
         """Executed FLOPs per example, sparse-kernel share, bytes down and up (extras included).
 
-        - compact (``keep`` / ``widths``): the compact model's own training FLOPs, and its
-          kernels are dense, so the sparse share is 1;
+        - compact (``keep`` / ``widths``): the compact model's own training FLOPs (its kernels
+          are dense); the sparse share is 1, or with a ``mask`` inside the kept channels
+          (AutoFLIP's unstructured part) the compact layers scaled by their weights' density;
         - otherwise the layers that train (``trainable``, else those the mask covers, else
           all) with the model's FLOPs convention, and the sparse share scales every layer's
           forward FLOPs by its weight's density under the mask (frozen layers count whole);
@@ -124,7 +127,8 @@ class Submodel:
         """
         sizes = self.sizes()
         if sizes is not None:
-            flops, factor, layers = model.compact_train_flops(sizes), 1.0, model.num_layers()
+            flops, layers = model.compact_train_flops(sizes), model.num_layers()
+            factor = model.sparse_factor(self.mask, sizes)
         else:
             trained = model.trained_layers(self.trainable, self.mask)
             flops = model.train_flops_per_example(trained)

@@ -12,6 +12,11 @@ are covered.
 :func:`width_submodel` is HeteroFL's rule: the first ``ceil(ratio * C)``
 channels of every prunable layer and of every residual stream (ResNet's stages;
 :func:`fedray.models.spec.width_keep` with ``streams=True``).
+
+:func:`mask_keep` is the other way round: the channels of every prunable group that a mask
+still covers (any coordinate of the channel's weight row, bias or BatchNorm entries), so a
+structured mask (AutoFLIP's, whose removed channels are uncovered everywhere) becomes a
+physically smaller model plus the unstructured mask inside it.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 from fedray.models.spec import Keep, ModelSpec, width_keep
 from fedray.submodel.masks import Mask
 
-__all__ = ["keep_mask", "width_submodel"]
+__all__ = ["keep_mask", "mask_keep", "width_submodel"]
 
 
 def keep_mask(spec: ModelSpec, params_like: Mapping[str, np.ndarray], keep: Keep) -> Mask:
@@ -50,3 +55,22 @@ def width_submodel(spec: ModelSpec, params_like: Mapping[str, np.ndarray],
     """HeteroFL slice at ``ratio`` in (0, 1]: ``(keep, mask)``."""
     keep = width_keep(spec, ratio, streams=True)
     return keep, keep_mask(spec, params_like, keep)
+
+
+def mask_keep(spec: ModelSpec, mask: Mask) -> dict[str, np.ndarray]:
+    """Kept channels of every prunable group (:attr:`ModelSpec.groups`) under ``mask``: those with
+    a covered coordinate in any of the group's ``out_slices``; a group with none keeps channel 0
+    (a layer never vanishes). Keys absent from ``mask`` count as covered."""
+    keep = {}
+    for g in spec.groups:
+        alive = np.zeros(g.size, dtype=bool)
+        for key, axis in g.out_slices:
+            m = mask.get(key)
+            if m is None:
+                alive[:] = True
+                break
+            alive |= np.moveaxis(np.asarray(m, dtype=bool), axis, 0).reshape(g.size, -1).any(axis=1)
+        if not alive.any():
+            alive[0] = True
+        keep[g.layer] = np.flatnonzero(alive).astype(np.int64)
+    return keep

@@ -25,7 +25,8 @@ METHOD_PARAMS = {
     "fedasync": {"concurrency": 4}, "fedbuff": {"buffer_size": 3, "concurrency": 5, "server_momentum": 0.5},
     "fedfix": {"interval_s": 2.0, "concurrency": 5}, "prfl": {"interval_s": 2.0, "recompute_every": 2, "patience": 1},
     "autoflip": {"explore_epochs": 1}, "random_prune": {"explore_epochs": 1}, "clamp": {"initial_depth": 2},
-    "ma_clamp": {"initial_depth": 2}, "fedpmt": {"depth": 2},
+    "ma_clamp": {"initial_depth": 2}, "fedpmt": {"depth": 2}, "cahfp": {"score_every": 2, "scoring": "server"},
+    "fedavg": {"server_momentum": 0.9},
 }
 
 

@@ -27,6 +27,7 @@ FEDRAY = Path(sys.executable).parent / "fedray"
 RESUMED = {
     "fedavg": {}, "fedbuff": {"buffer_size": 3, "concurrency": 5, "server_momentum": 0.5},
     "prfl": {"interval_s": 2.0, "recompute_every": 2, "patience": 1}, "scaffold": {},
+    "cahfp": {"score_every": 3, "scoring": "server"},  # planner, server and per-client store state
 }
 
 

@@ -107,10 +107,13 @@ def test_every_method_names_a_paper_and_no_missing_file():
 
 def test_unknown_method_key_says_what_the_method_takes(capsys):
     """Regression: ``method.mu`` on FedAvg said ``unknown key (known: )``."""
-    assert main(["run", "--set", "method.mu=0.1"]) == 2
+    assert main(["run", "--set", "method.name=feddrop", "--set", "method.mu=0.1"]) == 2
     err = capsys.readouterr().err
-    assert err == "config error: method.mu: unknown key: method 'fedavg' has no parameters of its own " \
-                  "(fedray describe fedavg)\n"
+    assert err == "config error: method.mu: unknown key: method 'feddrop' has no parameters of its own " \
+                  "(fedray describe feddrop)\n"
+    assert main(["run", "--set", "method.mu=0.1"]) == 2
+    assert capsys.readouterr().err == "config error: method.mu: unknown key: method 'fedavg' takes: " \
+                                      "server_momentum (fedray describe fedavg)\n"
     assert main(["run", "--set", "method.name=fedprox", "--set", "method.nu=1"]) == 2
     assert capsys.readouterr().err == "config error: method.nu: unknown key: method 'fedprox' takes: mu " \
                                       "(fedray describe fedprox)\n"

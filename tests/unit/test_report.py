@@ -130,3 +130,14 @@ def test_a_rerun_of_one_config_and_seed_counts_once(tmp_path):
     assert [r.path.name for r in recs] == ["fedavg-s0-0123abcd-r2", "fedavg-s1-0123abcd"]
     (row,) = R.aggregate(recs)
     assert row["label"] == "fedavg" and row["values"]["final_accuracy"] == [0.7, 0.6]
+
+
+def test_report_lists_every_clients_compact_model(tmp_path):
+    big, small = {"flops": 2000, "params": 1000}, {"flops": 500, "params": 250}
+    per = {"0": big, "1": small, "2": big}
+    make_run(tmp_path, "cahfp", 0, {"final_accuracy": 0.5, "compact_by_client": per})
+    make_run(tmp_path, "fedavg", 0, {"final_accuracy": 0.5})
+    md = R.write_report(tmp_path / "exp")["markdown"].read_text()
+    assert "| method | FLOPs | parameters | clients |" in md
+    assert "| cahfp | 2 k | 1 k | 2: 0, 2 |" in md and "| cahfp | 500 | 250 | 1: 1 |" in md
+    assert "| fedavg | " not in md.split("Compact model of every client")[1]

@@ -1,0 +1,62 @@
+"""tools/claims.py reads today's run folders and judges FLOPs on executed FLOPs."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+import claims  # noqa: E402
+
+
+def write_run(root, experiment, label, seed, summary, method=None, digest="0123abcd", data="digits"):
+    d = root / experiment / f"{label}-s{seed}-{digest}"
+    d.mkdir(parents=True)
+    cfg = {"experiment": experiment, "seed": seed, "method": method or {"name": label}, "data": {"name": data}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "summary.json").write_text(json.dumps({"experiment": experiment, "method": (method or {}).get("name", label),
+                                                "status": "completed", **summary}))
+
+
+def flip_summary(acc, flops, sparse, nbytes):
+    return {"final_accuracy": acc, "train_flops": flops, "sparse_train_flops": sparse, "bytes_up": nbytes,
+            "bytes_down": nbytes, "virtual_s": 10.0, "time_to_target_s": None}
+
+
+def test_load_reads_label_and_seed_of_hashed_run_folders(tmp_path):
+    """Regression: ``load`` split ``autoflip-s0-1a2b3c4d`` at "-s" into label "autoflip" and seed
+    "0-1a2b3c4d" (a ValueError); label, seed and experiment now come from the runs themselves."""
+    for seed in (0, 1):
+        write_run(tmp_path, "autoflip", "autoflip", seed, flip_summary(0.8, 10, 5, 100), method={"name": "autoflip"})
+        write_run(tmp_path, "autoflip", "fedavg_momentum", seed, flip_summary(0.8, 20, 20, 200),
+                  method={"name": "fedavg", "server_momentum": 0.9})
+    write_run(tmp_path, "autoflip_mnist", "autoflip", 0, flip_summary(0.9, 10, 5, 100), data="mnist_5k")
+    runs = claims.load(tmp_path)
+    assert sorted(runs) == ["autoflip", "autoflip_mnist"]
+    assert sorted(runs["autoflip"]) == ["autoflip", "fedavg_momentum"]
+    assert sorted(runs["autoflip"]["fedavg_momentum"]) == [0, 1]
+    assert runs["autoflip_mnist"]["autoflip"][0]["final_accuracy"] == 0.9
+
+
+def test_claims_are_found_by_experiment_name():
+    assert claims.claim_for("prfl_paper") is claims.prfl and claims.claim_for("prfl_iid") is claims.prfl
+    assert claims.claim_for("autoflip_mnist") is claims.autoflip
+    assert claims.claim_for("clamp_family") is claims.clamp and claims.claim_for("fedbuff_vs_fedavg") is claims.fedbuff
+    assert claims.claim_for("privacy") is None
+
+
+def test_autoflip_verdict_uses_executed_flops_with_sparse_beside(tmp_path):
+    """Regression: the FLOPs verdict compared AutoFLIP's sparse-kernel FLOPs with FedAvg's executed
+    ones, so fewer sparse FLOPs "reproduced" the claim while more FLOPs ran."""
+    write_run(tmp_path, "autoflip", "autoflip", 0, flip_summary(0.8, 120, 50, 100))
+    write_run(tmp_path, "autoflip", "fedavg", 0, flip_summary(0.8, 100, 100, 200))
+    write_run(tmp_path, "autoflip", "fedavg_momentum", 0, flip_summary(0.8, 100, 100, 200),
+              method={"name": "fedavg", "server_momentum": 0.9}, digest="89abcdef")
+    text = "\n".join(claims.check(tmp_path))
+    assert "AutoFLIP vs fedavg: executed FLOPs 20% more (claim ~49% fewer) -> **not reproduced** " \
+           "(sparse-kernel FLOPs 50% fewer); communication 50% less (claim ~35% less) -> **reproduced" in text
+    assert "AutoFLIP vs fedavg_momentum: executed FLOPs 20% more (claim ~49% fewer) -> **not reproduced**" in text
+    assert "| autoflip | 0.800 | 0.00G | 0.00G |" in text  # sparse FLOPs printed beside the executed ones
+    assert claims.main([str(tmp_path / "nothing")]) == 2
