@@ -135,7 +135,7 @@ def autoflip(runs) -> list[str]:
     return out
 
 
-CLAIMS = {"fedbuff_vs_fedavg": fedbuff, "clamp_family": clamp, "prfl_iid": prfl, "prfl_dirichlet": prfl,
+CLAIMS = {"fedbuff_vs_fedavg": fedbuff, "clamp_family": clamp, "prfl_iid": prfl, "prfl_dirichlet": prfl, "prfl_paper": prfl,
           "cahfp": cahfp, "autoflip": autoflip}
 
 
