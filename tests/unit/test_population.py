@@ -216,3 +216,11 @@ def test_prfl_paper_accepts_fields_equal_to_its_own():
     cfg = from_dict({"data": {"name": "digits", "num_clients": 10},
                      "devices": {"population": "prfl_paper", "link": "lognormal", "bw_sigma": 0.3}})
     assert cfg.devices.population == "prfl_paper"
+
+
+def test_fedray_describe_devices_lists_the_named_populations():
+    from fedray.discover import describe
+
+    text = describe("devices")
+    assert "devices.population" in text and "  prfl_paper: PR-FL's published device model" in text
+    assert "tier presets (devices.tiers): clamp, homogeneous" in text
