@@ -23,7 +23,8 @@ def test_every_method_of_prfl_paper_runs_on_the_published_devices(ray_session, t
     out = tmp_path / "runs"
     args = ["compare", str(CONFIG), "--out", str(out), "--quiet", "--set", f"data.cache_dir={tmp_path / 'cache'}",
             "--set", "compare.seeds=[0]", "--set", "server.max_virtual_s=2", "--set", "model.name=mlp",
-            "--set", "model.options={hidden: [16]}", "--set", "runtime.tensorboard=false"]
+            "--set", "model.options={hidden: [16]}", "--set", "runtime.tensorboard=false",
+            "--set", "cluster.num_client_actors=1"]
     assert main(args) == 0
     methods = [m if isinstance(m, str) else m["name"] for m in yaml.safe_load(CONFIG.read_text())["compare"]["methods"]]
     assert methods == ["prfl", "fedasync", "fedfix", "fedavg", "heterofl"]
