@@ -17,10 +17,15 @@ import numpy as np
 
 
 def load(exp: Path) -> dict[str, dict[int, dict]]:
+    """``{label: {seed: summary}}`` of the run folders (``<label>-s<seed>-<hash>[-r<n>]``,
+    :func:`fedray.runs.parse`); of several folders of one label and seed, the newest summary."""
+    from fedray import runs as RUNS
+
     out: dict[str, dict[int, dict]] = {}
-    for f in sorted(exp.glob("*-s*/summary.json")):
-        label, seed = f.parent.name.rsplit("-s", 1)
-        out.setdefault(label, {})[int(seed)] = json.loads(f.read_text())
+    for f in sorted(exp.glob("*-s*/summary.json"), key=lambda f: f.stat().st_mtime):
+        name = RUNS.parse(f.parent.name)
+        if name is not None:
+            out.setdefault(name["label"], {})[name["seed"]] = json.loads(f.read_text())
     return out
 
 
