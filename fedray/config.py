@@ -142,10 +142,11 @@ class DevicesConfig:
     """Device population (see :mod:`fedray.devices.profile`) and how it is simulated.
 
     ``tiers``: a preset name (``homogeneous``, ``clamp``) or a list of tiers
-    (``name, fraction, speed_range, download_bps_range, ...``).
+    (``name, fraction, speed_range, download_bps_range, ...``); ``population``: a named one.
     """
 
     tiers: Any = "homogeneous"
+    population: str | None = _f(None, doc="a named device population (prfl_paper) instead of tiers and links")
     reference_flops: float = _f(2e9, check=POS, doc="FLOP/s of a 1.0x device")
     link: str = _f("fixed", choices=("fixed", "lognormal"))
     bw_sigma: float = _f(0.3, check=NONNEG)
@@ -339,7 +340,7 @@ def _check_cross(cfg: ExperimentConfig) -> None:
         raise ConfigError("devices.trace_path", f"file '{cfg.devices.trace_path}' does not exist")
     from fedray.devices.population import population
 
-    population(cfg.devices)  # validates tiers and ranges with field paths
+    population(cfg.devices, cfg.data.num_clients)  # validates tiers and ranges with field paths
     ca = cfg.cluster.client_actors
     if ca is not None:
         if ca.min > ca.max:

@@ -215,6 +215,14 @@ def _sections() -> dict:
             if dataclasses.is_dataclass(hints[f.name]) and f.name != "method"}
 
 
+def _devices_hint() -> list[str]:
+    from fedray.devices.profile import POPULATIONS, TIER_PRESETS
+
+    return ["", f"tier presets (devices.tiers): {', '.join(TIER_PRESETS)}",
+            "named populations (devices.population; they set tiers, links and compute):",
+            *(f"  {n}: {_first_line(f, True)}" for n, f in POPULATIONS.items())]
+
+
 def describe(name: str) -> str:
     """A method's parameters (types, defaults, checks, meaning), schedule and paper; or the fields
     of a config section (``describe train``, ``describe defense``)."""
@@ -226,7 +234,8 @@ def describe(name: str) -> str:
         head = f"{name}: a section of the config" + (f" ({_first_line(cls)})" if _first_line(cls) else "")
         hint = {"model": ["", "models and their options: fedray list models"],
                 "data": ["", "data sets: fedray list datasets"],
-                "defense": ["", "robust rules: fedray list defenses"]}.get(name, [])
+                "defense": ["", "robust rules: fedray list defenses"],
+                "devices": _devices_hint()}.get(name, [])
         return "\n".join([head, f"fields (set with --set {name}.FIELD=VALUE):", *fields_text(cls, name), *hint]) + "\n"
     try:
         cls = registry.get(name)

@@ -233,8 +233,10 @@ class AggregatorCore:
         return True
 
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics of the current model on the test set."""
-        return self.evaluator(self.eval_params())
+        """The task's metrics of the current model on the test set (the server sees the primary one)."""
+        metrics = self.evaluator(self.eval_params())
+        self.server.on_eval(self.params, float(metrics[self.evaluator.task.primary]))
+        return metrics
 
     def eval_params(self) -> dict[str, np.ndarray]:
         """The model as evaluated and saved (the server's ``eval_params``)."""

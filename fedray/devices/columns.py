@@ -97,6 +97,8 @@ class Population(Sequence):
         elif spec.link_means == "linear":
             x = self._linear(c)
             down, up = _lerp(spec.download_bps_range, x), _lerp(spec.upload_bps_range, x)
+        elif spec.link_means == "client":
+            down, up = spec.download_bps_means[c], spec.upload_bps_means[c]
         else:
             down, up = _lerp(spec.download_bps_range, u[1]), _lerp(spec.upload_bps_range, u[2])
         battery_level = _lerp(tier.battery_level_range, u[3])
@@ -185,11 +187,13 @@ class Population(Sequence):
                          for t in s.tiers], dtype=bool)
 
 
-def assign_tiers(num_clients: int, tiers: tuple[TierSpec, ...], seed: int) -> np.ndarray:
+def assign_tiers(num_clients: int, tiers: tuple[TierSpec, ...], seed: int, by_id: bool = False) -> np.ndarray:
     """Tier index per client (``int8``, ``int16`` beyond 127 tiers): exact counts
-    (``tier_counts``), seeded permutation."""
+    (``tier_counts``), seeded permutation (``by_id``: consecutive ids, tiers in order)."""
     counts = tier_counts(num_clients, [t.fraction for t in tiers])
     labels = np.repeat(np.arange(len(tiers), dtype=np.int8 if len(tiers) < 128 else np.int16), counts)
+    if by_id:
+        return labels
     rng = np.random.default_rng([seed, PURPOSE_TIERS])
     return rng.permutation(labels)
 
@@ -202,4 +206,5 @@ def build_population(num_clients: int, spec: PopulationSpec, seed: int):
     if int(seed) != seed or seed < 0:
         raise ConfigError("seed", f"must be a non-negative integer, got {seed!r}")
     n = int(num_clients)
-    return Population(n, spec, int(seed), assign_tiers(n, spec.tiers, int(seed)))
+    spec.check_size(n, fld="num_clients")
+    return Population(n, spec, int(seed), assign_tiers(n, spec.tiers, int(seed), by_id=spec.tier_order == "id"))

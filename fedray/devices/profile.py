@@ -148,6 +148,11 @@ class PopulationSpec:
     ``"tier"`` (uniform in its tier's ranges), ``"linear"`` (spread linearly over client ids from
     the first to the second value of ``download_bps_range``/``upload_bps_range``, as in PR-FL:
     client 0 fastest) or ``"random"`` (uniform in those ranges).
+    ``"client"`` (client ``c``'s means are ``download_bps_means[c]``/``upload_bps_means[c]``,
+    one per client: a named population such as ``prfl_paper``).
+    ``tier_order``: ``"random"`` (a seeded permutation) or ``"id"`` (consecutive client ids,
+    in the order of ``tiers``). ``num_clients``: the exact size a population was published
+    for (None: any).
     ``trace_path``: a trace file (``fedray.devices.traces``); client ``i`` gets the trace with the
     ``i``-th smallest id (cycling when there are fewer traces than clients); the trace's
     ``speed`` (if present) replaces the tier's speed draw and its mean bandwidths replace the
@@ -158,9 +163,13 @@ class PopulationSpec:
     tiers: tuple[TierSpec, ...] = field(default_factory=lambda: homogeneous())
     link: Literal["fixed", "lognormal"] = "fixed"
     bw_sigma: float = 0.3
-    link_means: Literal["tier", "linear", "random"] = "tier"
+    link_means: Literal["tier", "linear", "random", "client"] = "tier"
     download_bps_range: tuple[float, float] = (20e6, 1.5e6)
     upload_bps_range: tuple[float, float] = (5e6, 0.4e6)
+    download_bps_means: tuple[float, ...] = ()
+    upload_bps_means: tuple[float, ...] = ()
+    tier_order: Literal["random", "id"] = "random"
+    num_clients: int | None = None
     cpu_load: float = 0.0
     load_sigma: float = 0.0
     dropout_prob: float = 0.0
@@ -182,8 +191,16 @@ class PopulationSpec:
             raise ConfigError(f"{f}.tiers", f"fractions must sum to 1, got {total:g}")
         if self.link not in ("fixed", "lognormal"):
             raise ConfigError(f"{f}.link", f"must be 'fixed' or 'lognormal', got {self.link!r}")
-        if self.link_means not in ("tier", "linear", "random"):
+        if self.link_means not in ("tier", "linear", "random", "client"):
             raise ConfigError(f"{f}.link_means", f"must be 'tier', 'linear' or 'random', got {self.link_means!r}")
+        if self.link_means == "client":
+            down, up = self.download_bps_means, self.upload_bps_means
+            if not down or len(down) != len(up) or not all(v > 0 for v in (*down, *up)):
+                raise ConfigError(f"{f}.link_means", "'client' needs one download and one upload mean > 0 per client")
+            if self.num_clients != len(down):
+                raise ConfigError(f"{f}.link_means", f"'client' has {len(down)} means for {self.num_clients} clients")
+        if self.tier_order not in ("random", "id"):
+            raise ConfigError(f"{f}.tier_order", f"must be 'random' or 'id', got {self.tier_order!r}")
         _check_range(f"{f}.download_bps_range", self.download_bps_range)
         _check_range(f"{f}.upload_bps_range", self.upload_bps_range)
         for name in ("bw_sigma", "load_sigma"):
@@ -198,6 +215,13 @@ class PopulationSpec:
             raise ConfigError(f"{f}.cpu_load", f"must be in [0, 1), got {self.cpu_load!r}")
         if not self.availability_cycle_s > 0:
             raise ConfigError(f"{f}.availability_cycle_s", f"must be > 0, got {self.availability_cycle_s!r}")
+
+
+    def check_size(self, num_clients: int, name: str = "", fld: str = "data.num_clients") -> None:
+        """A population published for ``self.num_clients`` clients takes exactly that many."""
+        if self.num_clients is not None and num_clients != self.num_clients:
+            what = f"devices.population {name}" if name else "this device population"
+            raise ConfigError(fld, f"{what} has exactly {self.num_clients} clients, got {num_clients}")
 
 
 def clamp_tiers() -> tuple[TierSpec, ...]:
@@ -215,6 +239,42 @@ def homogeneous() -> tuple[TierSpec, ...]:
 
 
 TIER_PRESETS = {"clamp": clamp_tiers, "homogeneous": homogeneous}
+
+PRFL_DOWNLOAD_MBPS = (20, 18, 12, 10, 6, 4, 2.5, 2, 2, 1.5)
+PRFL_UPLOAD_MBPS = (5, 4, 3, 2.5, 1.5, 1, .6, .5, .5, .4)
+PRFL_MACS_PER_S = (20e12, 2e12, 2e12, 0.2e12)  # compute of the (2, 2, 2, 4) groups, client 0 first
+
+
+def prfl_paper() -> PopulationSpec:
+    """PR-FL's published device model: 10 clients in groups of (2, 2, 2, 4) by id, per-client mean links, 3 compute tiers.
+
+    From the authors' code (the PR-FL paper's published setting):
+
+    - client ``c`` downloads at ``PRFL_DOWNLOAD_MBPS[c]`` and uploads at ``PRFL_UPLOAD_MBPS[c]``
+      MB/s on average (1 MB = 1e6 bytes; the cost model counts bytes per second), log-normal per
+      round with sigma 0.3 around those means (the cost model's mean-preserving draw: the median
+      of a client's bandwidth is ``mean * exp(-0.3**2 / 2)``, 4.4% below its mean);
+    - the groups are consecutive ids (client 0 fastest), as the starting densities
+      ``[1, 1, .6, .6, .3, .3, .1, .1, .1, .1]`` of PR-FL pair with them;
+    - compute: 20e12 / 2e12 / 0.2e12 MAC/s for three tiers over four groups. Our reading: the
+      two extreme groups are their own tiers (clients 0-1 the fastest, 20e12; clients 6-9 the
+      slowest, 0.2e12) and the two middle groups (densities .6 and .3, links 12-4 MB/s) share
+      the middle tier, 2e12: each group is at least as fast as the next one in compute and link.
+    - FLOP/s: the cost model counts 2 FLOPs per multiply-accumulate (``fedray.models.spec``),
+      so the reference device (1.0x) is the middle tier, 2 x 2e12 = 4e12 FLOP/s, and the speeds
+      are 10x / 1x / 0.1x (SDIR's slow devices, speed < 0.8: clients 6-9).
+    Latency, power and battery are fedray's defaults (the published model has links and compute only).
+    """
+    return PopulationSpec(
+        reference_flops=2 * PRFL_MACS_PER_S[1],
+        tiers=tuple(TierSpec(name, fr, speed_range=(m / PRFL_MACS_PER_S[1],) * 2) for name, fr, m in
+                    zip(("fast", "mid", "mid_slow", "slow"), (0.2, 0.2, 0.2, 0.4), PRFL_MACS_PER_S)),
+        link="lognormal", bw_sigma=0.3, link_means="client", tier_order="id", num_clients=10,
+        download_bps_means=tuple(x * 1e6 for x in PRFL_DOWNLOAD_MBPS),
+        upload_bps_means=tuple(x * 1e6 for x in PRFL_UPLOAD_MBPS))
+
+
+POPULATIONS = {"prfl_paper": prfl_paper}
 
 
 def tier_counts(num_clients: int, fractions: tuple[float, ...] | list[float]) -> list[int]:

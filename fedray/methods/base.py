@@ -75,10 +75,7 @@ class Assignment:
 
     def setting(self, name: str, default=None):
         """One of the client algorithm's per-dispatch settings."""
-        for k, v in self.client:
-            if k == name:
-                return v
-        return default
+        return next((v for k, v in self.client if k == name), default)
 
 
 @dataclass(frozen=True)
@@ -317,6 +314,9 @@ class Server(_Part):
         from fedray.aggregation import rules
 
         return rules.weighted_mean(global_params, [e.contribution for e in entries])
+
+    def on_eval(self, params: Params, metric: float) -> None:
+        """The global model ``params`` was just evaluated; ``metric``: the task's primary metric."""
 
     def update_weight(self, entry: Entry, version: int) -> float:
         """The weight this server gives ``entry`` in its mean when it replaces version

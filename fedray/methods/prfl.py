@@ -38,8 +38,8 @@ Planner (its state, :class:`PRFLPlan`, is checkpointed):
   device reports it; ``time_source: round`` uses the whole round time) goes
   into its FIFO of the last ``I`` times
   (:class:`~fedray.pruning.progressive.RoundTimeFifo`);
-* ``on_eval``: the plateau monitor (patience ``patience`` evaluations); on a
-  plateau ``rho_min <- min(1, rho_min + delta_rho)`` and a replan;
+* recovery: on the server's ``plateau`` message ``rho_min <- min(1, rho_min + delta_rho)``
+  and a replan; with every density at 1, the next plateau ends training;
 * replan -- whenever new scores arrive (every ``I`` aggregations) and at
   every recovery step: ``rho_i = max(min_j tbar_j / tbar_i, rho_min)`` for
   the clients with observed times; a client not observed yet keeps
@@ -58,6 +58,13 @@ Planner (its state, :class:`PRFLPlan`, is checkpointed):
   (``server_egress`` in the summary);
 * every dispatch records ``density`` (covered fraction of the prunable
   coordinates).
+
+Recovery (Stage 2), on the server: the plateau monitor sees every evaluation of the global
+model (``on_eval``; patience ``patience`` evaluations, as the authors count checks) and keeps
+the best model so far. On a plateau the next aggregation starts from that best model (the
+authors reload it) instead of the current one, with the cache emptied (our choice: its entries
+were trained from the models being discarded; the updates still in flight arrive with their
+staleness weights), and tells the planner (``plateau`` message) to raise ``rho_min``.
 
 Clients send their trained model (``send="model"``) under their mask;
 coordinates outside it are restored after every optimiser step by the
@@ -96,7 +103,7 @@ class PRFLParams:
                                       doc="starting density of client i: densities[i mod len]")
     rho_min: float = _f(0.1, check=UNIT, doc="initial density floor")
     delta_rho: float = _f(0.2, check=POS, doc="recovery step of the floor")
-    patience: int = _f(5, check=POS, doc="evaluations without improvement that make a plateau")
+    patience: int = _f(10, check=POS, doc="evaluations (checks) without improvement that make a plateau")
     min_delta: float = _f(0.0, check=NONNEG, doc="accuracy gain that counts as an improvement")
     recompute_every: int = _f(50, check=POS, doc="I: aggregations between mask recomputations (and FIFO length)")
     layer_floor: float = _f(0.05, check=UNIT, doc="fraction of every tensor always kept")
@@ -113,12 +120,11 @@ class PRFLParams:
 
 @dataclass
 class PRFLPlan:
-    """The planner's state: round-time FIFOs, the density floor, the plateau monitor,
-    the latest scores, the model's dtypes, every client's density and the replan count."""
+    """The planner's state: round-time FIFOs, the density floor, the latest scores, the
+    model's dtypes, every client's density and the replan count."""
 
     fifo: RoundTimeFifo
     rho_min: float
-    plateau: Plateau
     done: bool = False  # Stage 2 ended: all densities 1 and a last plateau
     scores: dict | None = None
     dtypes: dict | None = None
@@ -135,8 +141,7 @@ class PRFLPlanner(Planner):
 
     def init_state(self):
         p = self.params
-        return PRFLPlan(fifo=RoundTimeFifo(p.recompute_every), rho_min=float(p.rho_min),
-                        plateau=Plateau(p.patience, p.min_delta))
+        return PRFLPlan(fifo=RoundTimeFifo(p.recompute_every), rho_min=float(p.rho_min))
 
     def concurrency(self) -> int:
         c = self.params.concurrency
@@ -155,15 +160,13 @@ class PRFLPlanner(Planner):
         if t is not None and np.isfinite(t) and t > 0:
             self.state.fifo = self.state.fifo.push(int(header.client_id), float(t))
 
-    def on_eval(self, metric: float, loss: float) -> None:
-        if not np.isfinite(metric):
-            return
+    def recover(self) -> None:
+        """A plateau (the server's message): raise the floor and replan, or end training."""
         s = self.state
-        s.plateau, plateaued = plateau_update(s.plateau, float(metric))
-        if plateaued and s.rho_min < 1.0:
+        if s.rho_min < 1.0:
             s.rho_min = recovery_step(s.rho_min, self.params.delta_rho)
             self.replan()
-        elif plateaued:  # every density is 1 and the accuracy plateaued once more: training ends
+        else:  # every density is 1 and the accuracy plateaued once more: training ends
             s.done = True
 
     def finished(self) -> bool:
@@ -175,6 +178,8 @@ class PRFLPlanner(Planner):
         if "scores" in message:
             self.state.scores = {k: np.asarray(v, dtype=np.float64) for k, v in message["scores"].items()}
             self.replan()
+        if message.get("plateau"):
+            self.recover()
 
     def densities(self) -> dict[int, float]:
         """Current ``rho_i`` of every client (Stage 1 with the floor ``rho_min``)."""
@@ -241,10 +246,13 @@ class PRFLPlanner(Planner):
 
 @dataclass
 class PRFLServerState:
+    plateau: Plateau
     cache: dict = field(default_factory=dict)  # client -> (values, mask, n, base version)
     sq_acc: dict = field(default_factory=dict)
     uploads: int = 0
     aggregations: int = 0
+    best: dict | None = None  # the best global model so far (by the primary metric)
+    reload: bool = False  # a plateau: the next aggregation starts from ``best``
 
 
 class PRFLServer(Server):
@@ -253,6 +261,19 @@ class PRFLServer(Server):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.keys = list(prunable_keys(ctx.spec))
+
+    def init_state(self):
+        return PRFLServerState(plateau=Plateau(self.params.patience, self.params.min_delta))
+
+    def on_eval(self, params, metric: float) -> None:
+        st = self.state
+        if not np.isfinite(metric):
+            return
+        before = st.plateau.best
+        st.plateau, plateaued = plateau_update(st.plateau, metric)
+        if st.plateau.best > before:  # an improvement: the best model so far
+            st.best = {k: np.array(v, copy=True) for k, v in params.items()}
+        st.reload = st.reload or plateaued
 
     def _accumulate(self, extras: Mapping[str, np.ndarray]) -> None:
         st = self.state
@@ -280,6 +301,10 @@ class PRFLServer(Server):
 
     def aggregate(self, global_params, entries, record):
         st, version = self.state, record.version
+        message = {}
+        if st.reload:  # recovery: continue from the best model so far, forget what was trained from later ones
+            global_params = st.best if st.best is not None else global_params
+            st.cache, st.reload, message["plateau"] = {}, False, True
         for e in entries:
             c = e.contribution
             st.cache[e.client_id] = (c.values, c.mask, float(c.weight), e.base_version)
@@ -291,12 +316,11 @@ class PRFLServer(Server):
                     for i, pi in zip(clients, p)]
         new = rules.mix(global_params, rules.masked_mean(global_params, contribs), self.params.eta_g)
         st.aggregations += 1
-        message = None
         if st.aggregations % self.params.recompute_every == 0:
             uploads = [st.sq_acc] if st.uploads else []
-            message = {"scores": self._scores(uploads, new)}
+            message["scores"] = self._scores(uploads, new)
             st.sq_acc, st.uploads = {}, 0
-        return Aggregation(new, message=message)
+        return Aggregation(new, message=message or None)
 
 
 # ================================================================ client

@@ -252,3 +252,26 @@ def test_a_port_with_403_in_it_is_not_an_http_403(monkeypatch):
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", unreachable)
     with pytest.raises(FedrayError, match="cannot reach the Ray job server"):
         submit.client(url)
+
+
+def test_claims_reads_run_folders_with_their_config_hash(tmp_path):
+    """Regression: tools/claims.py split ``<label>-s<seed>-<hash>`` at "-s" and crashed on the
+    hash (int('0-1a2b3c4d')); it now reads every run folder fedray writes, layer-level SDIR included."""
+    import json as _json
+    import os
+    import subprocess
+    import sys
+
+    exp = tmp_path / "clamp_family"
+    rows = {"ma_clamp-s0-1a2b3c4d": (1500.0, 1.0), "clamp-s0-5e6f7a8b": (8000.0, 0.99)}
+    for name, (t, layers) in rows.items():
+        (exp / name).mkdir(parents=True)
+        (exp / name / "summary.json").write_text(_json.dumps(
+            {"time_to_target_s": t, "virtual_s": 12000.0, "sdir": 1.0, "sdir_layers": layers,
+             "flops_per_accuracy_point": 1e8, "final_accuracy": 0.9}))
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, str(root / "tools" / "claims.py"), str(tmp_path)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr
+    assert "| ma_clamp | 1500.0 | 1.000 | 1.000 |" in res.stdout
+    assert "mean time to target 1500.0 vs 8000.0 s" in res.stdout and "layer-level SDIR 1.000 vs 0.990" in res.stdout

@@ -80,3 +80,23 @@ def test_error_carries_field():
     with pytest.raises(ConfigError) as e:
         config.from_dict({"server": {"eval_every": 0}})
     assert e.value.field == "server.eval_every"
+
+
+def test_clamp_family_is_on_the_published_defaults():
+    """CLAMP / MA-CLAMP: 50 clients, 10 per round, Adam 1e-3, batch 64, depth 3 of 5, rho 0.5,
+    speeds 10% 0.3-0.6x / 80% 0.8-1.4x / 10% 1.8-2.5x."""
+    from fedray import comparison
+    from fedray.devices.population import population
+    from tests import kit
+
+    runs = comparison.plan("configs/experiments/clamp_family.yaml").runs
+    by_name = {r.cfg.method.name: r.cfg for r in runs if r.seed == 0}
+    cfg = by_name["ma_clamp"]
+    assert (cfg.data.num_clients, cfg.server.clients_per_round, cfg.train.optimizer, cfg.train.lr,
+            cfg.train.batch_size) == (50, 10, "adam", 1e-3, 64)
+    assert cfg.method.params.initial_depth == 3 and cfg.method.params.rho == 0.5
+    assert by_name["clamp"].method.params.initial_depth == 3
+    info, _ = kit.model_info(cfg.model.name, cfg.model.options)
+    assert info.try_spec().L == 5
+    tiers = [(t.fraction, t.speed_range) for t in population(cfg.devices).tiers]
+    assert tiers == [(0.1, (0.3, 0.6)), (0.8, (0.8, 1.4)), (0.1, (1.8, 2.5))]

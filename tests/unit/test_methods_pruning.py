@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -324,7 +325,7 @@ def test_prfl_scores_from_squared_gradients_flow_to_the_driver():
 
 def test_prfl_densities_from_round_times_and_recovery_on_plateau():
     info, params = setup_model()
-    core, driver = prfl_pair(info, params, rho_min=0.1, patience=2, delta_rho=0.2)
+    core, driver = prfl_pair(info, params, rho_min=0.1, delta_rho=0.2)
     st = driver.state
     assert dict(driver.plan(7, 0).info)["density"] == pytest.approx(0.1, abs=2e-3)
     for c, t in [(0, 1.0), (1, 2.0), (2, 4.0)]:
@@ -333,21 +334,57 @@ def test_prfl_densities_from_round_times_and_recovery_on_plateau():
     driver.replan()
     assert st.rho[0] == 1.0 and st.rho[1] == 0.5 and st.rho[2] == 0.25
     assert st.rho[7] == 0.1  # not observed yet: its starting density
-    driver.on_eval(0.5, 1.0)
-    driver.on_eval(0.4, 1.0)
-    assert st.rho_min == 0.1
-    driver.on_eval(0.5, 1.0)  # second evaluation without improvement: plateau -> recovery
+    driver.receive({"plateau": True})  # the server saw a plateau: recovery
     assert st.rho_min == pytest.approx(0.3)
     assert st.rho[7] == pytest.approx(0.3) and st.rho[2] == pytest.approx(0.3)
     assert dict(driver.plan(7, 0).info)["density"] == pytest.approx(0.3, abs=2e-3)
     assert not driver.finished()
     for step in range(4):  # 0.3 -> 0.5 -> 0.7 -> 0.9 -> 1.0, a recovery at every plateau
-        driver.on_eval(0.5, 1.0)
-        driver.on_eval(0.5, 1.0)
+        driver.receive({"plateau": True})
     assert st.rho_min == 1.0 and all(r == 1.0 for r in st.rho.values()) and not driver.finished()
-    driver.on_eval(0.5, 1.0)
-    driver.on_eval(0.5, 1.0)  # a last plateau with every density at 1: PR-FL's training ends
+    driver.receive({"plateau": True})  # a last plateau with every density at 1: PR-FL's training ends
     assert driver.finished()
+
+
+class _Scores:
+    """An evaluator that returns the next of a list of accuracies (and sees nothing)."""
+
+    task = SimpleNamespace(primary="accuracy")
+
+    def __init__(self, scores):
+        self.scores = list(scores)
+
+    def __call__(self, params):
+        return {"accuracy": self.scores.pop(0), "loss": 0.0}
+
+
+def test_prfl_recovery_reloads_the_best_model_and_empties_the_cache():
+    """Regression: a plateau only raised rho_min; the authors' code also reloads the best
+    global model so far. Patience counts evaluations (checks), 10 by default as published."""
+    from fedray.methods.prfl import PRFLParams
+
+    assert PRFLParams().patience == 10
+    info, params = setup_model()
+    core, driver = prfl_pair(info, params, patience=2)
+    core.evaluator = _Scores([0.8, 0.5, 0.5, 0.9])
+    k = "layers.2.bias"
+    ones = shifted(params, 1.0)
+    core.receive([item(0, 0, ones, None)], force=True)  # v1: the cache {0: ones}; evaluated 0.8 (best)
+    assert all(np.array_equal(v, ones[key]) for key, v in core.server.state.best.items())
+    for did, client in ((1, 1), (2, 4)):  # two evaluations without improvement: a plateau
+        res = core.receive([item(did, client, shifted(params, 2.0), None, base=did)], force=True)
+        assert "messages" not in res
+    assert core.server.state.reload and not np.allclose(core.params[k], 1.0)
+    mask = {k: np.array([True] + [False] * 9)}
+    res = core.receive([item(3, 2, {k: np.full(10, 3.0, dtype=np.float32)}, mask, base=3)], force=True)
+    assert res["messages"] == [{"plateau": True}]
+    assert sorted(core.server.state.cache) == [2]  # emptied, then the new arrival
+    expect = {key: v.copy() for key, v in ones.items()}
+    expect[k][0] = 3.0  # the arrival's coordinate; everything else: the best model (ones), not the cache mean
+    assert all(np.allclose(core.params[key], expect[key]) for key in expect)
+    rho_min = driver.state.rho_min
+    driver.receive(res["messages"][0])
+    assert driver.state.rho_min == pytest.approx(rho_min + 0.2)
 
 
 def test_prfl_densities_come_from_communication_times_by_default():

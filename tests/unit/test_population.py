@@ -136,3 +136,91 @@ def test_lazy_users_are_generated_by_id_whoever_reads_them():
     xt, yt = a.test_set(10)
     assert len(xt) == len(yt) == sum(int(a.test_counts[i]) for i in np.linspace(0, 999, 10).astype(int))
     assert not np.array_equal(SyntheticUsers(4, **kw).user(k)[0][:1], a.user(k)[0][:1])
+
+
+# ---------------------------------------------------------------- the published PR-FL population
+
+
+def _prfl_population(seed=0):
+    from fedray.config import from_dict
+    from fedray.devices.population import profiles
+
+    cfg = from_dict({"seed": seed, "data": {"name": "digits", "num_clients": 10}, "devices": {"population": "prfl_paper"}})
+    return profiles(cfg)
+
+
+def test_prfl_paper_has_the_published_means_tiers_by_id_and_compute():
+    pop = _prfl_population()
+    mb = 1e6  # bytes per second: the cost model's unit
+    assert [p.download_bps for p in pop] == [x * mb for x in (20, 18, 12, 10, 6, 4, 2.5, 2, 2, 1.5)]
+    assert [p.upload_bps for p in pop] == [x * mb for x in (5, 4, 3, 2.5, 1.5, 1, .6, .5, .5, .4)]
+    assert [p.tier for p in pop] == ["fast"] * 2 + ["mid"] * 2 + ["mid_slow"] * 2 + ["slow"] * 4
+    assert [p.bw_sigma for p in pop] == [0.3] * 10
+    # MAC/s x 2 FLOPs per MAC (the cost model counts FLOPs): 20e12 / 2e12 / 2e12 / 0.2e12 MAC/s
+    macs = [20e12] * 2 + [2e12] * 4 + [0.2e12] * 4
+    assert [p.flops_per_s for p in pop] == pytest.approx([2 * m for m in macs], rel=1e-12)
+    assert list(pop.slow) == [False] * 6 + [True] * 4
+    other = _prfl_population(seed=5)  # the seed changes the per-round draws, never the population
+    assert [p.tier for p in other] == [p.tier for p in pop] and [p.download_bps for p in other] == [p.download_bps for p in pop]
+
+
+def test_prfl_paper_links_are_lognormal_per_round_deterministic_by_seed():
+    from fedray.devices.cost import CostModel
+
+    pop = _prfl_population()
+    args = dict(train_flops=10**9, bytes_down=10**6, bytes_up=10**6, t_start=0.0)
+    draw = lambda c, seed, r: CostModel().estimate(pop[c], seed=seed, round_key=r, **args)
+    a, b = draw(3, 0, 7), draw(3, 0, 7)
+    assert a == b and draw(3, 1, 7).download_bps != a.download_bps and draw(3, 0, 8).download_bps != a.download_bps
+    for c in (0, 9):
+        down = np.array([draw(c, 0, r).download_bps for r in range(4000)])
+        up = np.array([draw(c, 0, r).upload_bps for r in range(4000)])
+        # log(bw) is normal with sigma 0.3, mean-preserving: median = mean * exp(-0.3^2 / 2)
+        for x, mean in ((down, pop[c].download_bps), (up, pop[c].upload_bps)):
+            assert np.std(np.log(x)) == pytest.approx(0.3, rel=0.05)
+            assert np.median(x) == pytest.approx(mean * math.exp(-0.045), rel=0.02)
+            assert np.mean(x) == pytest.approx(mean, rel=0.02)
+
+
+@pytest.mark.parametrize("devices, num_clients, starts", [
+    ({"population": "prfl_paper"}, 20, "data.num_clients: devices.population prfl_paper has exactly 10 clients, got 20"),
+    ({"population": "prfl_paper", "tiers": "clamp"}, 10, "devices.tiers: conflicts with devices.population: prfl_paper"),
+    ({"population": "prfl_paper", "link": "fixed", "bw_sigma": 0.5}, 10, "devices.bw_sigma: conflicts with"),
+    ({"population": "prfl_paper", "download_bps_range": [1e6, 2e6]}, 10, "devices.download_bps_range: conflicts"),
+    ({"population": "prfl_paperz"}, 10, "devices.population: unknown population 'prfl_paperz'; choose from: prfl_paper"),
+])
+def test_prfl_paper_config_mistakes_are_one_line_naming_the_field(devices, num_clients, starts):
+    from fedray.config import from_dict
+    from fedray.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        from_dict({"data": {"name": "digits", "num_clients": num_clients}, "devices": devices})
+    assert str(e.value).startswith("config error: " + starts) and "\n" not in str(e.value)
+
+
+def test_prfl_paper_with_other_than_10_clients_is_one_line_and_exit_2_from_the_cli(tmp_path, capsys):
+    import yaml
+
+    from fedray.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"name": "digits", "num_clients": 12}, "devices": {"population": "prfl_paper"}}))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "config error: data.num_clients: devices.population prfl_paper has exactly 10 clients, got 12"
+
+
+def test_prfl_paper_accepts_fields_equal_to_its_own():
+    from fedray.config import from_dict
+
+    cfg = from_dict({"data": {"name": "digits", "num_clients": 10},
+                     "devices": {"population": "prfl_paper", "link": "lognormal", "bw_sigma": 0.3}})
+    assert cfg.devices.population == "prfl_paper"
+
+
+def test_fedray_describe_devices_lists_the_named_populations():
+    from fedray.discover import describe
+
+    text = describe("devices")
+    assert "devices.population" in text and "  prfl_paper: PR-FL's published device model" in text
+    assert "tier presets (devices.tiers): clamp, homogeneous" in text
