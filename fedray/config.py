@@ -12,6 +12,7 @@ validated against the method's own ``Params`` dataclass (see
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,8 +277,6 @@ def read_yaml(path: str | Path) -> dict:
 
 def from_dict(data: Mapping, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Validate a raw mapping (plus ``key=value`` overrides) into an ExperimentConfig."""
-    import copy
-
     raw, data, pairs = data, copy.deepcopy(dict(data)), [parse_override(t) for t in overrides]
     for key, value in pairs:
         set_path(data, key, value)
@@ -380,9 +379,10 @@ def read_sections(path: str | Path, overrides, section: str, known: tuple[str, .
     ``{name: ...}`` so ``method.x`` paths can be set.
     """
     raw = read_yaml(path)
-    for text in overrides:
-        key, value = parse_override(text)
+    before, pairs = copy.deepcopy(raw.get("model")), [parse_override(t) for t in overrides]
+    for key, value in pairs:
         set_path(raw, key, value)
+    config_hints.drop_foreign_model_options(before, raw, [k for k, _ in pairs])
     sec = raw.pop(section, None)
     if sec is None:
         raise ConfigError(section, f"'{path}' has no {section}: section ({what})")

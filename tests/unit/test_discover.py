@@ -132,3 +132,15 @@ def test_switching_model_on_the_command_line_drops_the_other_models_options(capl
     assert config.load(quick, ["model.name=cnn"]).model.options == {"hidden": [128]}  # cnn takes hidden too
     kept = config.load(quick, ["model.name=resnet18", "model.options.hidden=[64]"])  # set on purpose: the user's
     assert kept.model.options == {"hidden": [64]}
+
+
+def test_switching_model_in_a_compare_config_drops_the_other_models_options(caplog):
+    """Regression: ``fedray compare prfl_paper.yaml --set model.name=leaf_cnn`` failed on the
+    file's ``model.options.channels``: the compare path applied its overrides without the hint."""
+    from fedray import comparison
+
+    with caplog.at_level(logging.WARNING, logger="fedray"):
+        p = comparison.plan(ROOT / "configs" / "experiments" / "prfl_paper.yaml",
+                            ["model.name=leaf_cnn", "compare.seeds=[0]"])
+    assert {r.cfg.model.name for r in p.runs} == {"leaf_cnn"} and all(r.cfg.model.options == {} for r in p.runs)
+    assert "dropped the config file's model.options.channels, model.options.hidden" in caplog.text
