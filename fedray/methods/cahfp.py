@@ -71,6 +71,21 @@ def scored_examples(n: int, batch_size: int, score_batches: int) -> int:
     return min(n, batches * batch_size)
 
 
+def scored_submodel(ctx, client_id: int, ratio: float, score_batches: int) -> Submodel:
+    """The submodel of a client that keeps ``ratio`` < 1 of every prunable layer's channels,
+    chosen by its curvature scores (:class:`CAHFPClient`): the compact widths
+    ``ceil(ratio C_l)`` (:func:`fedray.models.spec.width_keep`), the kept indices as extra
+    arrays and the scoring pass (forward and backward of the full model on
+    :func:`scored_examples`) as ``extra_flops``. ``ctx``: the planner's context."""
+    spec = ctx.spec
+    widths = {layer: len(v) for layer, v in width_keep(spec, ratio).items()}
+    bounds = {g.layer: g.size for g in spec.groups}
+    extras = tuple(Extra(KEPT + layer, dtype="int32", shape=(n,), bound=bounds[layer]) for layer, n in widths.items())
+    n = int(ctx.examples[int(client_id)])
+    scoring = scored_examples(n, ctx.cfg.train.batch_size, score_batches) * ctx.model.train_flops_per_example()
+    return Submodel(widths=widths, extras=extras, extra_flops=scoring)
+
+
 class CAHFPPlanner(Planner):
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -79,23 +94,13 @@ class CAHFPPlanner(Planner):
             self.ratio = tier_ratios(ctx.profiles, p.tier_ratios).tolist()
         else:
             self.ratio = speed_ratios(ctx.profiles.column("speed"), p.ratios).tolist()
-        spec = ctx.spec
-        self._widths = {r: {layer: len(v) for layer, v in width_keep(spec, r).items()}
-                        for r in sorted(set(self.ratio)) if r < 1.0}
-        self._full_flops = ctx.model.train_flops_per_example()
 
     def plan(self, client_id: int, version: int) -> Assignment:
         c = int(client_id)
         r = self.ratio[c]
         if r >= 1.0:
             return Assignment(client_id=c, info=(("keep_ratio", 1.0),))
-        widths = self._widths[r]
-        bounds = {g.layer: g.size for g in self.ctx.spec.groups}
-        extras = tuple(Extra(KEPT + layer, dtype="int32", shape=(n,), bound=bounds[layer])
-                       for layer, n in widths.items())
-        n = int(self.ctx.examples[c])
-        scoring = scored_examples(n, self.ctx.cfg.train.batch_size, self.params.score_batches) * self._full_flops
-        return Assignment(client_id=c, submodel=Submodel(widths=widths, extras=extras, extra_flops=scoring),
+        return Assignment(client_id=c, submodel=scored_submodel(self.ctx, c, r, self.params.score_batches),
                           client=(("keep_ratio", r),), info=(("keep_ratio", r),))
 
 

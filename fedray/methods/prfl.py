@@ -78,7 +78,7 @@ from fedray.methods.registry import register
 from fedray.params import NONNEG, POS, UNIT, UNIT_POS, _f
 from fedray.pruning.magnitude import prunable_keys
 from fedray.pruning.progressive import (Plateau, RoundTimeFifo, allocate_densities, importance_scores, nested_masks,
-                                        plateau_update, recovery_step, residual_split)
+                                        observed_time, recover_on_plateau, residual_split)
 from fedray.submodel.masks import density
 from fedray.submodel.submodel import Extra, Submodel
 from fedray.update import Update
@@ -150,18 +150,17 @@ class PRFLPlanner(Planner):
         return max(float(d[client_id % len(d)]), self.state.rho_min)
 
     def observe(self, header: Update) -> None:
-        key = "comm_s" if self.params.time_source == "comm" else "round_s"
-        t = (header.telemetry or {}).get(key)
-        if t is not None and np.isfinite(t) and t > 0:
-            self.state.fifo = self.state.fifo.push(int(header.client_id), float(t))
+        t = observed_time(header.telemetry, self.params.time_source)
+        if t is not None:
+            self.state.fifo = self.state.fifo.push(int(header.client_id), t)
 
     def on_eval(self, metric: float, loss: float) -> None:
         if not np.isfinite(metric):
             return
         s = self.state
-        s.plateau, plateaued = plateau_update(s.plateau, float(metric))
-        if plateaued and s.rho_min < 1.0:
-            s.rho_min = recovery_step(s.rho_min, self.params.delta_rho)
+        floor = s.rho_min
+        s.plateau, s.rho_min, plateaued = recover_on_plateau(s.plateau, floor, float(metric), self.params.delta_rho)
+        if plateaued and floor < 1.0:
             self.replan()
         elif plateaued:  # every density is 1 and the accuracy plateaued once more: training ends
             s.done = True

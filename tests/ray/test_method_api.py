@@ -26,6 +26,7 @@ METHOD_PARAMS = {
     "fedfix": {"interval_s": 2.0, "concurrency": 5}, "prfl": {"interval_s": 2.0, "recompute_every": 2, "patience": 1},
     "autoflip": {"explore_epochs": 1}, "random_prune": {"explore_epochs": 1}, "clamp": {"initial_depth": 2},
     "ma_clamp": {"initial_depth": 2}, "fedpmt": {"depth": 2},
+    "adaptive_masked_buff": {"buffer_size": 3, "concurrency": 5, "patience": 1},
 }
 
 

@@ -27,6 +27,7 @@ FEDRAY = Path(sys.executable).parent / "fedray"
 RESUMED = {
     "fedavg": {}, "fedbuff": {"buffer_size": 3, "concurrency": 5, "server_momentum": 0.5},
     "prfl": {"interval_s": 2.0, "recompute_every": 2, "patience": 1}, "scaffold": {},
+    "adaptive_masked_buff": {"buffer_size": 3, "concurrency": 5, "patience": 1, "rho_min": 0.1},
 }
 
 
