@@ -122,3 +122,15 @@ def test_bad_parameters_name_their_field():
         cfg_for({"time_source": "wall"})
     with pytest.raises(ConfigError, match="method.rho_min"):
         cfg_for({"rho_min": 1.5})
+
+
+def test_the_adaptive_experiment_plans_every_method_on_the_same_settings():
+    from pathlib import Path
+
+    from fedray import comparison
+
+    p = comparison.plan(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "adaptive.yaml")
+    labels = {r.label for r in p.runs}
+    assert labels == {"adaptive_masked_buff", "prfl", "cahfp", "fedbuff", "fedasync", "fedavg", "heterofl", "ma_clamp"}
+    assert len(p.runs) == 3 * len(labels)
+    assert {r.cfg.data.partition.alpha for r in p.runs} == {0.3}
