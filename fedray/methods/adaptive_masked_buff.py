@@ -21,13 +21,15 @@ A composition of existing pieces (nothing here is new math):
   the kept indices (:class:`~fedray.methods.cahfp.CAHFPClient`,
   :func:`~fedray.methods.cahfp.scored_submodel`). A client with ``r_i = 1`` trains the full
   model (no scoring).
-* **Buffered asynchronous masked aggregation** (FedBuff's buffer with MaskFedAvg's rule):
-  ``concurrency`` clients in flight; every ``buffer_size`` arrivals the server computes
-  ``W = masked_mean`` of the buffered models with weights ``n_i s(v - v_i)``
-  (:func:`fedray.aggregation.rules.masked_mean`: per coordinate over the clients whose mask
-  covers it; a coordinate nobody covered keeps its value; ``s`` from ``staleness`` / ``a`` /
-  ``b``, default PR-FL's ``(v - v_i + 1)^-0.6``, :mod:`fedray.aggregation.staleness`), then
-  ``theta <- (1 - eta_g) theta + eta_g W`` (:func:`fedray.aggregation.rules.mix`).
+* **Buffered asynchronous masked aggregation** (FedBuff's buffer of deltas with MaskFedAvg's
+  rule): ``concurrency`` clients in flight, each sending ``delta_i = theta_i - theta_{v_i}`` on
+  its mask (``send="delta"``, as FedBuff: a stale client's update is applied to the current
+  model instead of pulling it back to the version it started from); every ``buffer_size``
+  arrivals ``theta <- theta + eta_g D`` with ``D`` the masked mean of the buffered deltas
+  weighted by ``n_i s(v - v_i)`` (:func:`fedray.aggregation.rules.masked_delta_mean`: per
+  coordinate over the clients whose mask covers it, 0 where none does; ``s`` from
+  ``staleness`` / ``a`` / ``b``, default PR-FL's ``(v - v_i + 1)^-0.6``,
+  :mod:`fedray.aggregation.staleness`).
 * **Recovery to the full model** (PR-FL's Stage 2): after every evaluation the plateau
   monitor (patience ``patience`` evaluations, gain ``min_delta``) may raise the floor
   ``rho_min <- min(1, rho_min + delta_rho)``
@@ -118,9 +120,9 @@ class AdaptivePlanner(AsyncPlanner):
         c = int(client_id)
         r = self.ratio(c)
         if r >= 1.0:
-            return Assignment(client_id=c, info=(("keep_ratio", 1.0),))
+            return Assignment(client_id=c, send="delta", info=(("keep_ratio", 1.0),))
         return Assignment(client_id=c, submodel=scored_submodel(self.ctx, c, r, self.params.score_batches),
-                          client=(("keep_ratio", r),), info=(("keep_ratio", r),))
+                          send="delta", client=(("keep_ratio", r),), info=(("keep_ratio", r),))
 
 
 class AdaptiveServer(AsyncServer):
@@ -130,7 +132,7 @@ class AdaptiveServer(AsyncServer):
     def aggregate(self, global_params, entries, record):
         contribs = [rules.Contribution(e.contribution.values, e.contribution.mask, self.update_weight(e, record.version))
                     for e in entries]
-        return rules.mix(global_params, rules.masked_mean(global_params, contribs), self.params.eta_g)
+        return rules.masked_delta_mean(global_params, contribs, self.params.eta_g)
 
 
 @register
@@ -155,7 +157,7 @@ class AdaptiveMaskedBuff(Method):
     class Params(AsyncParams):
         staleness: str = _f("prfl", choices=tuple(STALENESS), doc="staleness weight s(tau) (default (tau + 1)^-0.6)")
         buffer_size: int = _f(5, check=POS, doc="K: updates per aggregation")
-        eta_g: float = _f(1.0, check=UNIT_POS, doc="server mixing: theta <- (1 - eta_g) theta + eta_g W")
+        eta_g: float = _f(1.0, check=POS, doc="server learning rate: theta <- theta + eta_g * masked mean of deltas")
         ratios: tuple[float, ...] = _f((1.0, 0.8, 0.6, 0.4), check=UNIT_POS,
                                        doc="starting keep ratios by speed rank (fastest group first), until observed")
         rho_min: float = _f(0.25, check=UNIT, doc="initial floor of the keep ratio")

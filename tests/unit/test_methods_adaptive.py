@@ -104,15 +104,20 @@ def test_server_buffers_k_and_takes_the_staleness_weighted_masked_mean():
         u = Update(dispatch_id=base, client_id=base, base_version=base, num_examples=n)
         return Entry(u, rules.Contribution(values, mask, float(n)))
 
-    # version 3: an update from version 3 (weight 10 * 1) over half of one tensor, a full one
-    # from version 0 (staleness 3: weight 30 * 4^-0.6)
+    # version 3: a delta of +3 from version 3 (weight 10 * 1) over half of one tensor, a delta of
+    # +1 everywhere from version 0 (staleness 3: weight 30 * 4^-0.6); eta_g = 0.5
     new = server.aggregate(params, [entry(threes, half, 10, 3), entry(ones, full, 30, 0)], RoundRecord(version=3))
     w1, w2 = 10.0, 30.0 * 4.0 ** -0.6
     covered = (w1 * 3.0 + w2 * 1.0) / (w1 + w2)
     w = params["layers.0.weight"]
-    np.testing.assert_allclose(new["layers.0.weight"][:4], 0.5 * w[:4] + 0.5 * covered, rtol=1e-6)
-    np.testing.assert_allclose(new["layers.0.weight"][4:], 0.5 * w[4:] + 0.5 * 1.0, rtol=1e-6)
-    np.testing.assert_allclose(new["layers.2.bias"], 0.5 * params["layers.2.bias"] + 0.5, rtol=1e-6)
+    np.testing.assert_allclose(new["layers.0.weight"][:4], w[:4] + 0.5 * covered, rtol=1e-6)
+    np.testing.assert_allclose(new["layers.0.weight"][4:], w[4:] + 0.5 * 1.0, rtol=1e-6)  # only the full delta
+    np.testing.assert_allclose(new["layers.2.bias"], params["layers.2.bias"] + 0.5, rtol=1e-6)
+    assert new["layers.0.weight"].dtype == w.dtype
+    # nobody covers a coordinate: it stays
+    none = server.aggregate(params, [entry(threes, half, 10, 3)], RoundRecord(version=3))
+    np.testing.assert_array_equal(none["layers.0.weight"][4:], w[4:])
+    np.testing.assert_array_equal(none["layers.2.bias"], params["layers.2.bias"])
 
 
 def test_bad_parameters_name_their_field():
