@@ -115,6 +115,11 @@ def cmd_tune(args) -> int:
     vals = ", ".join(f"{k}={v!r}" for k, v in res["best_values"].items())
     print(f"best {spec.metric} {res['best_metrics'][spec.metric]:.4f} with {vals}")
     print(f"best config: {res['best_path']}  (fedray run {res['best_path']})")
+    if spec.final_seeds:
+        from fedray import tune_heldout
+
+        for line in tune_heldout.lines(tune_heldout.run(spec, res["best_values"]), spec.metric):
+            print(line)
     return 0
 
 

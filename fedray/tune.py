@@ -10,6 +10,7 @@ A tune config is a normal experiment config plus a ``tune:`` section::
       max_concurrent_trials: 2  # optional
       driver_cpus: 0.5          # CPUs of the trial's driver loop (the first placement-group bundle)
       scheduler: {name: asha, time_attr: version, max_t: 20, grace_period: 2, reduction_factor: 2}
+      final_seeds: [100, 101, 102]  # optional: best and defaults rerun on held-out seeds (fedray.tune_heldout)
       space:
         method.rho: {grid: [0.3, 0.5, 0.7]}
         train.lr: {loguniform: [0.001, 0.1]}
@@ -50,6 +51,9 @@ Conventions:
 - Console: one line per finished trial and the best at the end (no Tune status tables;
   ``--quiet``: only the best).
 - Best trial: best ``metric`` at the trial's last report (``scope="last"``).
+- Held-out seeds: with ``final_seeds``, ``fedray tune`` then reruns the best config and the
+  config as written on those seeds (none of them a tuning seed) and prints both
+  (:mod:`fedray.tune_heldout`).
 - Resume: ``--resume`` restores the experiment with ``Tuner.restore``; finished
   trials are kept, unfinished ones restart from their beginning (runs are not
   checkpointed mid-way).
@@ -72,7 +76,8 @@ from fedray.errors import ConfigError
 from fedray.devices import population
 
 SECTION = "tune"
-KNOWN_KEYS = ("metric", "mode", "num_samples", "max_concurrent_trials", "driver_cpus", "scheduler", "space")
+KNOWN_KEYS = ("metric", "mode", "num_samples", "max_concurrent_trials", "driver_cpus", "scheduler", "space",
+              "final_seeds")
 METRICS = {"accuracy": "max", "loss": "min"}
 TIME_ATTRS = ("version", "virtual_s", "wall_s", "training_iteration")
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -99,6 +104,7 @@ class TuneSpec:
     max_concurrent_trials: int | None = None
     driver_cpus: float = 0.5
     scheduler: SchedulerSpec | None = None
+    final_seeds: tuple[int, ...] = ()  # held-out seeds (fedray.tune_heldout); (): none
 
 
 # ---------------------------------------------------------------- parsing and validation
@@ -173,6 +179,28 @@ def check_space(base: Mapping, space: Mapping[str, tuple]) -> None:
                 raise ConfigError(f"tune.space.{key}", detail) from None
 
 
+def _final_seeds(raw, cfg: C.ExperimentConfig, space: Mapping[str, tuple]) -> tuple[int, ...]:
+    """``tune.final_seeds``: distinct integers >= 0, none of them a tuning seed (the base ``seed``
+    and, when the space searches ``seed``, its values)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError("tune.final_seeds", f"must be a non-empty list of seeds, got {raw!r}")
+    for j, s in enumerate(raw):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"tune.final_seeds[{j}]", f"must be an integer >= 0, got {s!r}")
+    if len(set(raw)) != len(raw):
+        raise ConfigError("tune.final_seeds", f"must not repeat a seed, got {list(raw)}")
+    tuning = {cfg.seed}
+    if "seed" in space:
+        kind, args = space["seed"]
+        tuning |= set(range(*args)) if kind == "randint" else set(args)
+    shared = sorted(tuning & set(raw))
+    if shared:
+        raise ConfigError("tune.final_seeds", f"must be held out: seed(s) {shared} are tuning seeds")
+    return tuple(int(s) for s in raw)
+
+
 def _scheduler(raw) -> SchedulerSpec | None:
     if raw is None:
         return None
@@ -230,7 +258,8 @@ def load_spec(path: str | Path, overrides=()) -> TuneSpec:
     space = {str(k): parse_domain(str(k), v) for k, v in raw_space.items()}
     check_space(base, space)
     return TuneSpec(base=base, cfg=cfg, space=space, metric=metric, mode=mode, num_samples=n,
-                    max_concurrent_trials=mc, driver_cpus=float(dc), scheduler=_scheduler(sec.get("scheduler")))
+                    max_concurrent_trials=mc, driver_cpus=float(dc), scheduler=_scheduler(sec.get("scheduler")),
+                    final_seeds=_final_seeds(sec.get("final_seeds"), cfg, space))
 
 
 # ---------------------------------------------------------------- Ray Tune pieces

@@ -266,6 +266,26 @@ def apply_delta_mean(global_params: Mapping[str, np.ndarray], deltas: Sequence[C
     return merge(global_params, deltas, "delta", eta=eta_g, acc_dtype=acc_dtype)
 
 
+def masked_delta_mean(global_params: Mapping[str, np.ndarray], deltas: Sequence[Contribution],
+                      eta_g: float = 1.0) -> Params:
+    """MaskFedAvg in delta form: ``theta + eta_g * D`` where ``D`` is the :func:`masked_mean` of
+    the deltas (per coordinate, weighted by ``w_i`` over the deltas whose mask covers it; 0 where
+    none does). Unlike :func:`apply_delta_mean` a coordinate is not diluted by the deltas that do
+    not cover it. Integer tensors (counters) move by what :func:`masked_mean` gives them: the largest
+    delta; bool tensors keep their value."""
+    step = masked_mean({k: np.zeros_like(np.asarray(v)) for k, v in global_params.items()}, deltas)
+    out: Params = {}
+    for k, g in global_params.items():
+        g = np.asarray(g)
+        if g.dtype == np.bool_:
+            out[k] = g.copy()
+        elif np.issubdtype(g.dtype, np.floating):
+            out[k] = (g + float(eta_g) * step[k]).astype(g.dtype, copy=False)
+        else:
+            out[k] = (g + step[k]).astype(g.dtype, copy=False)
+    return out
+
+
 def masked_mix(global_params: Mapping[str, np.ndarray], contribs: Sequence[Contribution],
                rates: Sequence[float]) -> Params:
     """FedAsync with partial updates: for each contribution in order,

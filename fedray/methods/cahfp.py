@@ -103,6 +103,30 @@ def scored_examples(n: int, batch_size: int, score_batches: int) -> int:
     return min(n, batches * batch_size)
 
 
+def kept_extras(spec, widths: dict) -> tuple[Extra, ...]:
+    """The kept channel indices a scoring client sends: one int32 array ``kept/<layer>`` per
+    compact layer, bounded by the layer's full width."""
+    bounds = {g.layer: g.size for g in spec.groups}
+    return tuple(Extra(KEPT + layer, dtype="int32", shape=(n,), bound=bounds[layer]) for layer, n in widths.items())
+
+
+def scoring_flops(ctx, client_id: int, score_batches: int) -> int:
+    """The scoring pass of a client: forward and backward of the full model on
+    :func:`scored_examples` of its examples. ``ctx``: the planner's context."""
+    n = int(ctx.examples[int(client_id)])
+    return scored_examples(n, ctx.cfg.train.batch_size, score_batches) * ctx.model.train_flops_per_example()
+
+
+def scored_submodel(ctx, client_id: int, ratio: float, score_batches: int) -> Submodel:
+    """The submodel of a client that scores its channels on every dispatch and keeps ``ratio`` < 1
+    of every prunable layer's (:class:`CAHFPClient`, client scoring): the compact widths
+    ``ceil(ratio C_l)`` (:func:`fedray.models.spec.width_keep`), the kept indices as extra arrays
+    and the scoring pass as ``extra_flops``."""
+    widths = {layer: len(v) for layer, v in width_keep(ctx.spec, ratio).items()}
+    return Submodel(widths=widths, extras=kept_extras(ctx.spec, widths),
+                    extra_flops=scoring_flops(ctx, client_id, score_batches))
+
+
 @dataclass
 class ScoredAt:
     """The planner's state: the model version at which each client last scored its channels."""
@@ -123,7 +147,6 @@ class CAHFPPlanner(Planner):
         spec = ctx.spec
         self._widths = {r: {layer: len(v) for layer, v in width_keep(spec, r).items()}
                         for r in sorted(set(self.ratio)) if r < 1.0}
-        self._full_flops = ctx.model.train_flops_per_example()
         self._subs: dict = {}
         self._sizes = {r: compact_size(spec if r >= 1.0 else ctx.model.compact_spec(self._widths[r]))
                        for r in set(self.ratio)}
@@ -135,9 +158,7 @@ class CAHFPPlanner(Planner):
             spec, widths = self.ctx.spec, self._widths[r]
             extras, receives = (), ()
             if score:
-                bounds = {g.layer: g.size for g in spec.groups}
-                extras = tuple(Extra(KEPT + layer, dtype="int32", shape=(n,), bound=bounds[layer])
-                               for layer, n in widths.items())
+                extras = kept_extras(spec, widths)
                 if self.params.scoring == "server":
                     extras += tuple(Extra(TERMS + g.layer, shape=(2, g.size)) for g in spec.groups)
                     receives = tuple(Extra(SCORES + g.layer, shape=(g.size,)) for g in spec.groups)
@@ -156,8 +177,7 @@ class CAHFPPlanner(Planner):
         score = last is None or version - last >= self.params.score_every
         if score:
             self.state.scored[c] = int(version)
-        n = int(self.ctx.examples[c])
-        scoring = scored_examples(n, self.ctx.cfg.train.batch_size, self.params.score_batches) * self._full_flops
+        scoring = scoring_flops(self.ctx, c, self.params.score_batches)
         return Assignment(client_id=c, submodel=self._submodel(r, score, scoring),
                           client=(("keep_ratio", r), ("score", score)), info=info + (("scored", score),))
 

@@ -85,7 +85,7 @@ from fedray.methods.registry import register
 from fedray.params import NONNEG, POS, UNIT, UNIT_POS, _f
 from fedray.pruning.magnitude import prunable_keys
 from fedray.pruning.progressive import (Plateau, RoundTimeFifo, allocate_densities, importance_scores, nested_masks,
-                                        plateau_update, recovery_step, residual_split)
+                                        observed_time, plateau_update, recovery_step, residual_split)
 from fedray.submodel.masks import density
 from fedray.submodel.submodel import Extra, Submodel
 from fedray.update import Update
@@ -155,10 +155,9 @@ class PRFLPlanner(Planner):
         return max(float(d[client_id % len(d)]), self.state.rho_min)
 
     def observe(self, header: Update) -> None:
-        key = "comm_s" if self.params.time_source == "comm" else "round_s"
-        t = (header.telemetry or {}).get(key)
-        if t is not None and np.isfinite(t) and t > 0:
-            self.state.fifo = self.state.fifo.push(int(header.client_id), float(t))
+        t = observed_time(header.telemetry, self.params.time_source)
+        if t is not None:
+            self.state.fifo = self.state.fifo.push(int(header.client_id), t)
 
     def recover(self) -> None:
         """A plateau (the server's message): raise the floor and replan, or end training."""

@@ -12,7 +12,8 @@ METHODS: dict[str, type] = {}
 _MODULES = ("fedray.methods.fedavg", "fedray.methods.deadline", "fedray.methods.fedasync",
             "fedray.methods.fedbuff", "fedray.methods.fedfix", "fedray.methods.heterofl",
             "fedray.methods.clamp", "fedray.methods.prfl", "fedray.methods.cahfp", "fedray.methods.autoflip",
-            "fedray.methods.fedprox", "fedray.methods.scaffold", "fedray.methods.fedper")
+            "fedray.methods.fedprox", "fedray.methods.scaffold", "fedray.methods.fedper",
+            "fedray.methods.adaptive_masked_buff")
 
 
 def register(cls):

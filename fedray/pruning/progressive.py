@@ -30,8 +30,8 @@ import numpy as np
 from fedray.pruning.magnitude import global_ranking, prefix_count, top_mask
 from fedray.submodel.masks import Mask, is_subset
 
-__all__ = ["RoundTimeFifo", "allocate_densities", "recovery_step", "Plateau", "plateau_update",
-           "importance_scores", "nested_masks", "residual_split"]
+__all__ = ["RoundTimeFifo", "observed_time", "allocate_densities", "recovery_step", "Plateau", "plateau_update",
+           "recover_on_plateau", "importance_scores", "nested_masks", "residual_split"]
 
 
 # --------------------------------------------------------------------------- round times
@@ -67,6 +67,16 @@ class RoundTimeFifo:
     def means(self) -> dict[int, float]:
         """``tbar_i`` for every client with at least one time."""
         return {c: float(np.mean(ts)) for c, ts in self.entries if ts}
+
+
+def observed_time(telemetry: Mapping | None, source: str = "comm") -> float | None:
+    """The time a device reported that allocates densities: its communication time
+    (``comm_s``, source ``"comm"``, PR-FL's) or its whole round (``round_s``, source
+    ``"round"``); None when it is missing, not finite or not positive."""
+    t = (telemetry or {}).get("comm_s" if source == "comm" else "round_s")
+    if t is None or not math.isfinite(t) or t <= 0:
+        return None
+    return float(t)
 
 
 # --------------------------------------------------------------------------- densities
@@ -146,6 +156,17 @@ def plateau_update(state: Plateau, accuracy: float) -> tuple[Plateau, bool]:
     if bad >= state.patience:
         return replace(state, bad=0), True
     return replace(state, bad=bad), False
+
+
+def recover_on_plateau(state: Plateau, rho_min: float, accuracy: float, delta: float) -> tuple[Plateau, float, bool]:
+    """Stage 2's step for one evaluation: feed ``accuracy`` to the plateau monitor
+    (:func:`plateau_update`); on a plateau with ``rho_min < 1`` the floor becomes
+    :func:`recovery_step` ``(rho_min, delta)``. Returns ``(new_state, new_rho_min, plateaued)``:
+    ``plateaued`` with an unchanged ``rho_min = 1`` means a plateau of the full model."""
+    state, plateaued = plateau_update(state, accuracy)
+    if plateaued and rho_min < 1.0:
+        rho_min = recovery_step(rho_min, delta)
+    return state, float(rho_min), plateaued
 
 
 # --------------------------------------------------------------------------- importance and masks

@@ -88,10 +88,14 @@ HETERO = {"devices.tiers": "clamp", "devices.link": "lognormal", "devices.load_s
 # the CNN's vectorised updates differ from its one-by-one ones in the last bits, so a grouping
 # that depended on the actors would show (groups of 3 dispatches: rounds of 5 split 3+2, 1+3+1, ...)
 VECTORISED = {"model.name": "cnn", "model.options": "{channels: [4, 8], hidden: [16]}", "train.vectorise": 3}
+# asynchronous, compact submodels whose widths follow the telemetry, curvature scores, recovery
+ADAPTIVE = {**HETERO, "method.name": "adaptive_masked_buff", "method.buffer_size": 3, "method.patience": 1,
+            "method.rho_min": 0.1}
 
 
-@pytest.mark.parametrize("over,counts", [({}, (1, 2, 4)), (HETERO, (1, 2, 4)), (VECTORISED, (1, 2, 3))],
-                         ids=["homogeneous", "heterogeneous", "vectorised"])
+@pytest.mark.parametrize("over,counts", [({}, (1, 2, 4)), (HETERO, (1, 2, 4)), (VECTORISED, (1, 2, 3)),
+                                         (ADAPTIVE, (1, 2))],
+                         ids=["homogeneous", "heterogeneous", "vectorised", "adaptive_masked_buff"])
 def test_deterministic_whatever_the_actor_count_and_window(ray_session, tmp_path, over, counts, monkeypatch):
     # and whatever the number of rounds the aggregator runs per call: with calls this long the
     # windows grow to the cap after a first call of 2 rounds (6 rounds: 1x6, 2+4, 2+3+1)

@@ -18,6 +18,7 @@ METHODS = {
     "feddrop": ({}, "depth"),
     "prfl": ({"interval_s": 0.02, "recompute_every": 2, "patience": 1}, "density"),
     "cahfp": ({}, "keep_ratio"),
+    "adaptive_masked_buff": ({"buffer_size": 3, "patience": 1}, "keep_ratio"),
     "autoflip": ({"explore_epochs": 1, "refresh": True}, "density"),
     "random_prune": ({"explore_epochs": 1}, "density"),
 }

@@ -114,3 +114,30 @@ def test_interrupted_search_resumes(ray_session, tmp_path):
     assert len(reports(first)) == n_first  # the finished trial was kept, not run again
     assert (exp / "best.yaml").is_file()
     assert C.load(exp / "best.yaml").train.lr in (0.02, 0.2)
+
+
+def test_final_seeds_rerun_the_best_and_the_defaults_on_held_out_seeds(ray_session, tmp_path, capfd):
+    """``tune.final_seeds``: after a 2-trial search on seed 0, the best config and the config as
+    written each run on seeds 5 and 6, and ``fedray tune`` prints both."""
+    out = tmp_path / "out"
+    sets = ["--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"runtime.out_dir={out}",
+            "--set", "tune.num_samples=1", "--set", "tune.scheduler=fifo", "--set", "server.rounds=2",
+            "--set", "tune.space={train.lr: {grid: [0.02, 0.3]}}", "--set", "tune.final_seeds=[5, 6]"]
+    capfd.readouterr()
+    assert main(["tune", TINY, "--quiet", "--storage", str(tmp_path / "store"), *sets]) == 0
+    lines = capfd.readouterr().out.splitlines()
+    best = C.load(tmp_path / "store" / "tune_tiny" / "tune" / "best.yaml").train.lr
+    held = out / "tune_tiny" / "heldout"
+    got = {}
+    for label in ("tuned", "default"):
+        for seed in (5, 6):
+            s = json.loads((run_folder(held, label, seed) / "summary.json").read_text())
+            cfg = C.load(run_folder(held, label, seed) / "config.yaml")
+            assert s["status"] == "completed" and cfg.seed == seed
+            got.setdefault(label, []).append((cfg.train.lr, s["final_accuracy"]))
+    assert {lr for lr, _ in got["tuned"]} == {best}
+    assert {lr for lr, _ in got["default"]} == {T.load_spec(TINY).cfg.train.lr}  # the base config as written
+    for label in ("tuned", "default"):
+        line = next(ln for ln in lines if ln.startswith(f"held-out seeds [5, 6] {label}: accuracy "))
+        mean = sum(a for _, a in got[label]) / 2
+        assert f"accuracy {mean:.4f} +- " in line and "time to target" in line

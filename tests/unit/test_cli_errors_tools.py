@@ -96,6 +96,14 @@ def test_unreachable_address(tmp_path, capsys):
      "config error: tune.scheduler.patience: unknown key"),
     ({"tune": {"space": {"server.clients_per_round": {"choice": [4, 50]}}}},
      "config error: tune.space.server.clients_per_round: must be <= data.num_clients"),
+    ({"tune": {"final_seeds": [3, 0], "space": {"train.lr": {"grid": [0.1]}}}},
+     "config error: tune.final_seeds: must be held out: seed(s) [0] are tuning seeds"),
+    ({"tune": {"final_seeds": [3, 4], "space": {"seed": {"grid": [1, 4]}}}},
+     "config error: tune.final_seeds: must be held out: seed(s) [4] are tuning seeds"),
+    ({"tune": {"final_seeds": [3, 3], "space": {"train.lr": {"grid": [0.1]}}}},
+     "config error: tune.final_seeds: must not repeat"),
+    ({"tune": {"final_seeds": [-1], "space": {"train.lr": {"grid": [0.1]}}}}, "config error: tune.final_seeds[0]"),
+    ({"tune": {"final_seeds": 5, "space": {"train.lr": {"grid": [0.1]}}}}, "config error: tune.final_seeds: must be"),
 ])
 def test_bad_sections(tmp_path, capsys, section, expected):
     cfg = write(tmp_path, {**BASE, **section})

@@ -413,3 +413,15 @@ def test_weighted_mean_of_dense_payloads_is_bit_identical_to_the_numpy_path():
         for k in g:
             assert kernel[k].dtype == g[k].dtype
             assert np.array_equal(kernel[k], plain[k]), (sparse, k)
+
+
+def test_masked_delta_mean_moves_each_coordinate_by_the_mean_of_the_deltas_covering_it():
+    g = {"w": np.array([1.0, 1.0, 1.0], np.float32), "n": np.array(5, np.int64), "b": np.array([True, False])}
+    d1 = {"w": np.array([2.0, 4.0, 0.0], np.float32), "n": np.array(2, np.int64), "b": np.array([False, False])}
+    d2 = {"w": np.array([0.0, 1.0, 0.0], np.float32), "n": np.array(1, np.int64), "b": np.array([True, True])}
+    m1 = {"w": np.array([True, True, False]), "n": np.array(True), "b": np.array([True, True])}
+    m2 = {"w": np.array([False, True, False]), "n": np.array(True), "b": np.array([True, True])}
+    out = rules.masked_delta_mean(g, [rules.Contribution(d1, m1, 1.0), rules.Contribution(d2, m2, 3.0)], 0.5)
+    # w: [1 + 0.5 * 2, 1 + 0.5 * (4 + 3 * 1) / 4, 1 (nobody)]; n (a counter): 5 + max(2, 1); b kept
+    np.testing.assert_allclose(out["w"], [2.0, 1.875, 1.0])
+    assert out["w"].dtype == np.float32 and int(out["n"]) == 7 and out["b"].tolist() == [True, False]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from ray.tune.search.variant_generator import generate_variants
 
 from fedray import tune as T
@@ -42,3 +43,13 @@ def test_a_continuous_domain_keeps_tunes_sampling():
                               "server.clients_per_round: {choice: [2, 4]}}"])
     space, samples = T.param_space(spec)
     assert samples == 2 and TS.POINT not in space
+
+
+@pytest.mark.parametrize("name", ["prfl_density", "autoflip_quantile", "cahfp_keep"])
+def test_density_schedule_searches_validate_with_held_out_seeds(name):
+    """Every candidate of the space builds a valid config; the final seeds are not the tuning seed."""
+    spec = T.load_spec(Path(__file__).resolve().parents[2] / "configs" / "tune" / f"{name}.yaml")
+    assert spec.final_seeds and spec.cfg.seed not in spec.final_seeds
+    assert spec.scheduler is not None and spec.scheduler.time_attr == "virtual_s"
+    assert spec.scheduler.max_t == spec.cfg.server.max_virtual_s
+    assert all(k.startswith("method.") for k in spec.space)
