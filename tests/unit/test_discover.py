@@ -42,7 +42,7 @@ def test_version_list_describe_as_a_user_types_them(tmp_path):
     assert not RST.search(d.stdout + m.stdout)
     bad = fedray("describe", "clampp")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
-    assert bad.stderr.startswith("config error: describe: unknown method 'clampp'; choose from: autoflip")
+    assert bad.stderr.startswith("config error: describe: unknown method 'clampp'; choose from: adaptive_masked_buff, autoflip")
 
 
 @pytest.mark.parametrize("kind, some", [("models", ["mlp", "cnn", "vgg11", "resnet18"]),
