@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         return blob
 
     checkpoint.dumps = timed_dumps
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
         t = time.perf_counter()
         straight = Runner(cfg("straight", f"runtime.checkpoint_every={a.every}")).run()

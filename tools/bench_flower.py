@@ -134,7 +134,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         spec = write_spec(from_dict(base), a.actors, tmp)
-        ray.init(include_dashboard=False, logging_level="ERROR")  # fedray's Ray, started once, excluded
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")  # fedray's Ray, started once, excluded
         steal0, load0 = steal_ticks(), os.getloadavg()[0]
         for _ in range(a.reps):  # interleaved, so all sides see the same machine conditions
             fed, acc_f = fedray_round_s(base, a.warmup)

@@ -87,7 +87,7 @@ def run_bench(gpu: bool, rounds: int) -> None:
 
     print(f"\n== 3. fedray run: FedAvg, CNN, 100 clients per round, {rounds} rounds, 2 client actors"
           + (" with 0.5 GPU each" if gpu else " (CPU)"))
-    ray.init(include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     for v in (1, 50, 100):  # one by one; two groups (one per actor); one group per round
         with tempfile.TemporaryDirectory() as tmp:
             over = {"model.name": "cnn", "server.clients_per_round": 100, "server.eval_every": rounds,

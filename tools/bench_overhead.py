@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--heterogeneity", action="store_true")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians)")
     a = ap.parse_args()
-    ray.init(include_dashboard=False, logging_level="ERROR")  # started once, excluded from the timings
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")  # started once, excluded from the timings
     base = workload_w(a.rounds, **{"cluster.num_client_actors": a.actors})
     hetero = {**base, "devices": {"tiers": "clamp", "link": "lognormal", "load_sigma": 0.3, "noise_sigma": 0.2}}
     rows = []

@@ -31,7 +31,7 @@ def child(n: int, per_round: int, rounds: int, warmup: int) -> dict:
     from fedray.config import load
     from fedray.runtime.runner import Runner
 
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load("configs/quickstart.yaml", [
             "data.name=synthetic", f"data.num_clients={n}", "model.options={}",

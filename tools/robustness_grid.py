@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         by_pos = isinstance(axes[key][0][1], dict)
         axes[key] = [(i, v) for i, v in axes[key] if (i if by_pos else v) in wanted]
     keys = list(axes)
-    ray.init(num_cpus=args.cpus, logging_level="ERROR", include_dashboard=False)
+    ray.init(address="local", num_cpus=args.cpus, logging_level="ERROR", include_dashboard=False)
     rows: dict = {}
     t0 = time.time()
     combos = list(itertools.product(*(axes[k] for k in keys)))

@@ -91,7 +91,9 @@ def connect(cluster_cfg) -> bool:
     An already-initialised Ray (tests, Tune trials, ``ray job submit``) is reused.
     With ``cluster.address`` set we connect to that cluster; otherwise Ray starts
     embedded in this process tree (``RAY_ADDRESS`` from the environment is
-    honoured by ``ray.init`` itself, as in a submitted job).
+    honoured by ``ray.init`` itself, as in a submitted job): ``address="local"``, since a bare
+    ``ray.init()`` attaches to the latest ``ray start`` head of the machine
+    (``/tmp/ray/ray_current_cluster``), someone else's Ray instance.
     """
     if ray.is_initialized():
         return False
@@ -110,7 +112,7 @@ def connect(cluster_cfg) -> bool:
         probe(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
         ray.init(**kwargs)
         return True
-    ray.init(num_cpus=cluster_cfg.num_cpus, **kwargs)
+    ray.init(address="local", num_cpus=cluster_cfg.num_cpus, **kwargs)
     return True
 
 

@@ -98,3 +98,19 @@ def test_cuda_on_a_cluster_without_gpu_is_a_config_error(monkeypatch):
     monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 16.0})
     with pytest.raises(ConfigError, match="runtime.device"):
         cluster.gpu_share(from_dict({"runtime": {"device": "cuda"}}))
+
+
+def test_embedded_ray_never_attaches_to_a_ray_start_head_on_the_machine(monkeypatch):
+    """Regression: without ``cluster.address`` fedray called a bare ``ray.init()``, which attaches
+    to the latest ``ray start`` head of the machine (``/tmp/ray/ray_current_cluster``): a sweep
+    started beside a test session's head ran its actors there and lost them when the tests
+    killed that head's workers. ``address="local"`` always starts fedray's own instance."""
+    from fedray import config as C
+    from fedray.runtime import cluster
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", lambda **kw: calls.append(kw))
+    assert cluster.connect(C.from_dict({}).cluster) is True
+    assert calls and calls[0]["address"] == "local"
