@@ -20,8 +20,10 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+from fedray.errors import ConfigError
+
 __all__ = ["IGNORED", "config_hash", "folder_name", "parse", "attempts", "previous", "next_free", "load_summary",
-           "choose", "choose_for", "place"]
+           "choose", "choose_for", "place", "make_writable", "drop_empty"]
 
 # fields that do not change a run's numbers: where it writes, how it reports, where Ray runs it,
 # how many actors share the work (results are identical for any count) and how failures are retried
@@ -143,3 +145,30 @@ def place(cfg, rerun: bool = False) -> tuple[str, Path]:
         print(f"resuming the interrupted run of this config in {folder} (--rerun: start afresh in a new folder)",
               file=sys.stderr)
     return action, folder
+
+
+def make_writable(run_dir: Path) -> list[Path]:
+    """Make the run folder and check it can be written (a :class:`ConfigError` on
+    ``runtime.out_dir`` when not); returns the folders this made, innermost first, for
+    :func:`drop_empty`."""
+    run_dir = Path(run_dir)
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".fedray-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConfigError("runtime.out_dir", f"cannot write the run folder '{run_dir}': {why}") from None
+    return made
+
+
+def drop_empty(made) -> None:
+    """Remove the folders :func:`make_writable` made, innermost first, while they are empty (a run
+    that failed to start, e.g. on a model option only the model's builder checks, leaves none)."""
+    for p in made:
+        try:
+            p.rmdir()
+        except OSError:
+            return

@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 
 from fedray import config as C
-from fedray import security, seeding
+from fedray import runs, security, seeding
 from fedray.aggregation.actor import AggregatorActor
 from fedray.channel import Channel
 from fedray.client.actor import ClientActor, train_call
@@ -64,23 +64,12 @@ class Runner:
         return checkpoint.of_run(self.cfg.runtime.checkpoint_dir, self.run_dir)
 
     # ------------------------------------------------------------ setup
-    def _check_output(self) -> None:
-        """The run folder can be made and written, before anything else happens."""
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".fedray-write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            why = e.strerror or type(e).__name__
-            raise ConfigError("runtime.out_dir", f"cannot write the run folder '{self.run_dir}': {why}") from None
-
     def _start(self) -> None:
         cfg = self.cfg
         self.method = registry.get(cfg.method.name)
         if cfg.devices.mode == "real" and self.method.schedule != "sync":
             raise ConfigError("devices.mode", f"'real' throttling runs synchronous methods; {cfg.method.name} is {self.method.schedule}")
-        self._check_output()
+        self.made = runs.make_writable(self.run_dir)  # before anything else happens
         resumed = None
         if self.resume:
             resumed = self._load_checkpoint()
@@ -355,6 +344,7 @@ class Runner:
             status, error, failure = "failed", str(e), e
         except BaseException as e:
             if not started:
+                runs.drop_empty(getattr(self, "made", ()))  # a run that never started leaves no empty folders
                 raise
             status, error, failure = "failed", _one_line(e), e
         finally:

@@ -40,3 +40,13 @@ def test_output_folder_under_a_file_fails_before_ray_or_data(tmp_path, capsys, m
     blocker.write_text("x")
     err = one_line(capsys, ["run", "--set", f"runtime.out_dir={blocker / 'runs'}", "--set", "runtime.progress=false"])
     assert err.startswith("config error: runtime.out_dir: cannot write the run folder") and "afile" in err
+
+
+def test_a_model_option_only_the_builder_checks_leaves_no_empty_run_folder(tmp_path, capsys):
+    """Regression: the run folder was made before the model was built, so a bad model option
+    (found by the builder) left an empty ``<label>-s0-<hash>`` folder that later runs stepped over."""
+    out = tmp_path / "runs"
+    err = one_line(capsys, ["run", "--set", f"runtime.out_dir={out}", "--set", "runtime.progress=false",
+                            "--set", "model.name=cnn", "--set", "model.options.channels=[0]"])
+    assert err == "config error: model.options.channels: expected positive integers, got 0"
+    assert not out.exists()
