@@ -38,6 +38,7 @@ from typing import Mapping
 from fedray import config as C
 from fedray import runs as RUNS
 from fedray.errors import ConfigError
+from fedray.params import seed_list
 
 SECTION = "compare"
 KNOWN_KEYS = ("methods", "seeds")
@@ -92,13 +93,7 @@ def plan(path: str | Path, overrides=(), *, out: str | None = None) -> ComparePl
     seeds = sec.get("seeds", [base.seed])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if not isinstance(seeds, (list, tuple)) or not seeds:
-        raise ConfigError("compare.seeds", f"must be a non-empty list of seeds, got {seeds!r}")
-    for j, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ConfigError(f"compare.seeds[{j}]", f"must be an integer >= 0, got {s!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError("compare.seeds", f"must not repeat a seed, got {list(seeds)}")
+    seeds = seed_list(seeds, "compare.seeds")
     entries, labels = [], {}
     for i, e in enumerate(methods):
         label, m = _method_entry(e, i)

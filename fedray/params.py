@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from fedray.errors import ConfigError
 
-__all__ = ["_f", "POS", "NONNEG", "FRACTION", "UNIT", "UNIT_POS", "NoParams", "build"]
+__all__ = ["_f", "POS", "NONNEG", "FRACTION", "UNIT", "UNIT_POS", "NoParams", "build", "seed_list"]
 
 
 def _f(default=dataclasses.MISSING, *, check=None, choices=None, factory=None, doc: str = ""):
@@ -145,3 +145,16 @@ def build(cls, data: Mapping | None, path: str = ""):
                     raise ConfigError(where, f"must be {check[1]}, got {v!r}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def seed_list(raw, field: str) -> tuple[int, ...]:
+    """A config's list of seeds (``compare.seeds``, ``tune.final_seeds``): non-empty, integers
+    >= 0, none repeated; otherwise a :class:`ConfigError` on ``field`` (``field[j]`` for one bad seed)."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError(field, f"must be a non-empty list of seeds, got {raw!r}")
+    for j, s in enumerate(raw):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"{field}[{j}]", f"must be an integer >= 0, got {s!r}")
+    if len(set(raw)) != len(raw):
+        raise ConfigError(field, f"must not repeat a seed, got {list(raw)}")
+    return tuple(int(s) for s in raw)

@@ -74,6 +74,7 @@ from fedray import storage as S
 from fedray import tune_space
 from fedray.errors import ConfigError
 from fedray.devices import population
+from fedray.params import seed_list
 
 SECTION = "tune"
 KNOWN_KEYS = ("metric", "mode", "num_samples", "max_concurrent_trials", "driver_cpus", "scheduler", "space",
@@ -184,21 +185,15 @@ def _final_seeds(raw, cfg: C.ExperimentConfig, space: Mapping[str, tuple]) -> tu
     and, when the space searches ``seed``, its values)."""
     if raw is None:
         return ()
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise ConfigError("tune.final_seeds", f"must be a non-empty list of seeds, got {raw!r}")
-    for j, s in enumerate(raw):
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ConfigError(f"tune.final_seeds[{j}]", f"must be an integer >= 0, got {s!r}")
-    if len(set(raw)) != len(raw):
-        raise ConfigError("tune.final_seeds", f"must not repeat a seed, got {list(raw)}")
+    seeds = seed_list(raw, "tune.final_seeds")
     tuning = {cfg.seed}
     if "seed" in space:
         kind, args = space["seed"]
         tuning |= set(range(*args)) if kind == "randint" else set(args)
-    shared = sorted(tuning & set(raw))
+    shared = sorted(tuning & set(seeds))
     if shared:
         raise ConfigError("tune.final_seeds", f"must be held out: seed(s) {shared} are tuning seeds")
-    return tuple(int(s) for s in raw)
+    return seeds
 
 
 def _scheduler(raw) -> SchedulerSpec | None:
