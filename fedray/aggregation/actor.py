@@ -184,7 +184,7 @@ class AggregatorActor:
                 "applied": self.core.applied, "rejected": dict(self.core.rejected),
                 "client_state_bytes": self.core.store.bytes_in + self.core.store.bytes_out,
                 "client_states": len(self.core.store), "excluded": self.core.defense.state["excluded"],
-                "dp_clip": self.core.defense.state["dp_clip"]}
+                "dp_clip": self.core.defense.state["dp_clip"], "client_error": self.core.first_error}
 
     def state_dict(self) -> dict:
         return {"core": self.core.state_dict(), "puts": self.puts, "inlined": self.inlined}

@@ -52,6 +52,7 @@ class AggregatorCore:
         self.seen: set[int] = set()
         self.pending: list[Entry] = []
         self.rejected = collections.Counter()
+        self.first_error: str | None = None  # the first application error a client reported
         self.applied = 0
         self.excluded: list[int] = []  # dispatch ids left out of an aggregation that did not happen
         self._window: list[int] = []  # clients resolved since the last aggregation (async record)
@@ -100,6 +101,8 @@ class AggregatorCore:
             reason = validate.check(header, payload, self.params, keys) or reason
         if reason is not None:
             self.rejected[reason] += 1
+            if reason == "client_error" and self.first_error is None:
+                self.first_error = str(header.error)
             return reason, None
         extras = self.channel.expand(payload, expected, lambda k: mask[k] if k in mask else
                                      np.zeros(self.params[k].shape, bool))
@@ -258,6 +261,7 @@ class AggregatorCore:
     def state_dict(self) -> dict:
         return {"params": self.params, "version": self.version, "seen": sorted(self.seen),
                 "pending": self.pending, "rejected": dict(self.rejected), "applied": self.applied,
+                "first_error": self.first_error,
                 "window": list(self._window), "dropped": list(self._dropped),
                 "server": self.server.state_dict(), "store": self.store.state_dict(),
                 "defense": self.defense.state_dict() if self.defense is not None else None}
@@ -268,6 +272,7 @@ class AggregatorCore:
         self.seen = set(state["seen"])
         self.pending = list(state["pending"])
         self.rejected = collections.Counter(state["rejected"])
+        self.first_error = state.get("first_error")
         self.applied = int(state["applied"])
         self._window, self._dropped = list(state["window"]), list(state["dropped"])
         self.server.load_state_dict(state["server"])

@@ -40,6 +40,10 @@ scoring clients, which keep the top ``ceil(r C_l)`` of them (the server's pick
 by each client's keep ratio). Before any terms arrived the scores are zeros and
 a client keeps its own top channels.
 
+The client reads all of this from its assignment (``keep_ratio``, ``score``, ``scoring``,
+``keep_set``: whether the chosen set is kept in the store), not from CA-HFP's parameters, so
+another method's planner (:mod:`fedray.methods.adaptive_masked_buff`) drives the same client.
+
 Costs (the submodel's): the compact model's training FLOPs per example come from
 the spec of the compact model of ``width_keep`` sizes (the sizes -- hence FLOPs
 and bytes -- are the same whichever channels the client keeps); the scoring pass
@@ -178,8 +182,11 @@ class CAHFPPlanner(Planner):
         if score:
             self.state.scored[c] = int(version)
         scoring = scoring_flops(self.ctx, c, self.params.score_batches)
-        return Assignment(client_id=c, submodel=self._submodel(r, score, scoring),
-                          client=(("keep_ratio", r), ("score", score)), info=info + (("scored", score),))
+        p = self.params
+        client = (("keep_ratio", r), ("score", score), ("scoring", p.scoring),
+                  ("keep_set", p.score_every > 1 or p.scoring == "server"))
+        return Assignment(client_id=c, submodel=self._submodel(r, score, scoring), client=client,
+                          info=info + (("scored", score),))
 
 
 def compact_size(spec) -> tuple[int, int]:
@@ -226,7 +233,7 @@ class CAHFPClient(ClientAlgorithm):
         sub = run.submodel
         if sub.widths is None:
             return sub
-        p = self.params
+        server_scoring = run.setting("scoring", "client") == "server"
         stored = run.state or {}
         keep = None
         if not run.setting("score", True) and all(KEPT + layer in stored for layer in sub.widths):
@@ -235,11 +242,11 @@ class CAHFPClient(ClientAlgorithm):
             terms = self._terms(run)
             own = {layer: np.abs(t.sum(axis=0)) for layer, t in terms.items()}
             server = {k[len(SCORES):]: v for k, v in run.broadcast.items() if k.startswith(SCORES)}
-            if p.scoring == "server":
+            if server_scoring:
                 run.scratch["terms"] = terms
-            use = server if p.scoring == "server" and any(np.any(v) for v in server.values()) else own
+            use = server if server_scoring and any(np.any(v) for v in server.values()) else own
             keep = keep_top(self.ctx.spec, use, run.setting("keep_ratio"))
-            if p.score_every > 1 or p.scoring == "server":  # the channel set lives on the device until rescoring
+            if run.setting("keep_set", False):  # the channel set lives on the device until rescoring
                 run.new_state = {KEPT + k: v.astype(np.int32) for k, v in keep.items()}
         run.scratch["keep"] = keep
         return Submodel(keep=keep, extras=sub.extras, receives=sub.receives, extra_flops=sub.extra_flops)

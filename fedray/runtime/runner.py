@@ -363,7 +363,12 @@ class Runner:
         return summary
 
     def _finish(self, status: str, error: str | None) -> dict:
-        return summary.write(self, status, error)
+        s = summary.write(self, status, error)
+        if s.get("client_error"):  # rejected like a poisoned update, but a bug the user must see
+            n = s["rejected_by_reason"].get("client_error", 0)
+            print(f"warning: {self.cfg.method.name} seed {self.cfg.seed}: {n} updates failed on the client, the first "
+                  f"with {s['client_error']} (summary.json: client_error)", file=sys.stderr)
+        return s
 
     def shutdown(self) -> None:
         for a in self.pool.actors if getattr(self, "pool", None) is not None else []:

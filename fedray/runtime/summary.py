@@ -81,6 +81,8 @@ def write(run, status: str, error: str | None) -> dict:
             summary["dp_clip"] = stats["dp_clip"]
     if cfg.attack.kind != "none":
         summary.update({"attack": cfg.attack.kind, "malicious_clients": len(run.accounting.malicious)})
+    if stats is not None and stats.get("client_error"):
+        summary["client_error"] = stats["client_error"]  # the first one (rejected_by_reason: how many)
     if stats is not None and stats.get("excluded"):
         summary["defense_excluded"] = stats["excluded"]
     if cfg.server.target_accuracy is not None:

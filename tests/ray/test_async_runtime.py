@@ -90,10 +90,15 @@ def test_async_method_runs_end_to_end(ray_session, tmp_path, method):
     assert max(r["staleness"] for r in rows if r["event"] == "update") >= 1  # asynchrony actually happened
 
 
-def test_fedbuff_with_injected_client_failures(ray_session, tmp_path):
-    """Injected failures become reject events with their reason; the run goes on to the end."""
+def test_fedbuff_with_injected_client_failures(ray_session, tmp_path, capsys):
+    """Injected failures become reject events with their reason; the run goes on to the end, and
+    the first client error's text reaches the summary and one warning line (regression: a method
+    whose every compact client crashed ran to the end with only the count ``client_error`` shown)."""
     cfg = config(tmp_path, {"name": "fedbuff", "buffer_size": 3, "concurrency": 5})
     summary = FailingRunner(cfg, {1: "raise", 3: "nan"}).run()
+    assert summary["client_error"] == "RuntimeError: injected client failure"
+    assert "warning: fedbuff seed 0: 1 updates failed on the client, the first with RuntimeError: injected client " \
+           "failure" in capsys.readouterr().err
     rows = check_run(cfg, summary)
     rejects = {r["dispatch_id"]: r["reason"] for r in rows if r["event"] == "reject"}
     assert rejects == {1: "client_error", 3: "nonfinite"}

@@ -240,6 +240,10 @@ def test_client_error_is_rejected():
     h = Update(dispatch_id=0, client_id=0, base_version=0, num_examples=10, error="RuntimeError: boom")
     assert core.receive([(h, None, None)])["results"] == [(0, "client_error")]
     assert core.rejected == {"client_error": 1} and core.version == 0
+    assert core.first_error == "RuntimeError: boom"  # kept for the summary and the warning
+    h2 = Update(dispatch_id=1, client_id=1, base_version=0, num_examples=10, error="ValueError: later")
+    core.receive([(h2, None, None)])
+    assert core.first_error == "RuntimeError: boom"
 
 
 def test_max_staleness_cutoff_rejects_stale():
