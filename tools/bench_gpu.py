@@ -12,9 +12,14 @@ runs the same steps on the CPU, smaller, and says so (a smoke run, not the bench
 3. End to end: ``fedray run`` FedAvg, CNN, 100 clients per round, ``runtime.device: auto``,
    2 client actors with half a GPU each, ``train.vectorise`` 1, 50 and 100: seconds per round
    (the aggregator's completion stamps, after the first two rounds: one per actor warms up).
+4. PR-FL's published setup on VGG-11 (``configs/experiments/prfl_paper.yaml`` unchanged but for
+   ``data.name=mnist_5k --set model.name=vgg11``, ``runtime.device: auto``): PR-FL and FedAsync,
+   seed 0, to a virtual-time budget (``--prfl-budget``; 20 s on the CPU): wall seconds per
+   aggregation, accuracy and time to target of each.
 
     python tools/bench_gpu.py                   # everything (GPU: a few minutes)
     python tools/bench_gpu.py --skip-run        # steps 1-2 only (no Ray)
+    python tools/bench_gpu.py --only-prfl       # step 4 only
 """
 from __future__ import annotations
 
@@ -105,12 +110,42 @@ def run_bench(gpu: bool, rounds: int) -> None:
     ray.shutdown()
 
 
+def prfl_plan(gpu: bool, budget: float, out: str):
+    """Step 4's compare plan: ``prfl_paper.yaml`` on mnist_5k and VGG-11, PR-FL and FedAsync, seed 0."""
+    from fedray import comparison
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sets = ["data.name=mnist_5k", "model.name=vgg11", "runtime.device=auto", f"server.max_virtual_s={budget}",
+            "compare.methods=[{name: prfl, interval_s: 1.0}, {name: fedasync, alpha: 0.6}]", "compare.seeds=[0]",
+            f"cluster.client_actor.num_gpus={0.5 if gpu else 0.0}", "runtime.tensorboard=false"]
+    sets += [] if gpu else ["server.eval_every=1"]  # the smoke run's few aggregations are all evaluated
+    return comparison.plan(os.path.join(root, "configs", "experiments", "prfl_paper.yaml"), sets, out=out)
+
+
+def prfl_bench(gpu: bool, budget: float) -> None:
+    from fedray import comparison
+
+    print(f"\n== 4. PR-FL's published setup on VGG-11 (mnist_5k 28x28, 10 clients), seed 0, {budget:g} virtual s"
+          + (", 2 client actors with 0.5 GPU each" if gpu else " (CPU)"))
+    with tempfile.TemporaryDirectory() as tmp:
+        res = comparison.run(prfl_plan(gpu, budget, tmp), progress=False)
+    for s in res["summaries"]:
+        per = s["wall_s"] / max(s["version"], 1)
+        tta = s.get("time_to_target_s")
+        print(f"{s['method']:9} {s['version']:5d} aggregations, {per * 1e3:8.1f} ms wall each, {s['wall_s']:6.0f} s in all; "
+              f"accuracy {s['final_accuracy']:.4f}, time to {s.get('target_accuracy')}: "
+              f"{'not reached' if tta is None else f'{tta:.1f} virtual s'}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--group", type=int, default=100, help="clients trained together at most (a small GPU: 25)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--skip-run", action="store_true", help="no end-to-end fedray run (no Ray)")
+    ap.add_argument("--only-prfl", action="store_true", help="only step 4 (PR-FL's setup on VGG-11)")
+    ap.add_argument("--prfl-budget", type=float, default=None,
+                    help="virtual seconds of step 4 (default: 600 with a GPU, 20 without)")
     a = ap.parse_args()
     import torch
 
@@ -123,9 +158,12 @@ def main() -> None:
         print(f"no GPU here: running the same steps on the CPU, smaller (a smoke run, not the GPU benchmark); "
               f"torch {torch.__version__}")
     device = "cuda" if gpu else "cpu"
-    worker_bench(device, gpu, a.reps, a.group)
-    if not a.skip_run:
+    if not a.only_prfl:
+        worker_bench(device, gpu, a.reps, a.group)
+    if not a.skip_run and not a.only_prfl:
         run_bench(gpu, a.rounds)
+    if not a.skip_run:
+        prfl_bench(gpu, a.prfl_budget if a.prfl_budget is not None else (600.0 if gpu else 20.0))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

@@ -54,3 +54,16 @@ def test_python_dash_m_fedray_is_the_fedray_command():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-m", "fedray", "describe", "fedavg"], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "fedavg" in res.stdout, res.stderr
+
+
+def test_bench_gpu_runs_prfl_paper_on_vgg11_unchanged_but_for_data_and_model(tmp_path):
+    """tools/bench_gpu.py step 4 (the GPU machine's PR-FL setup on VGG-11) plans from the shipped config."""
+    import bench_gpu
+
+    plan = bench_gpu.prfl_plan(True, 600.0, str(tmp_path))
+    assert [(r.label, r.seed) for r in plan.runs] == [("prfl", 0), ("fedasync", 0)]
+    cfg = plan.runs[0].cfg
+    assert (cfg.data.name, cfg.model.name, cfg.runtime.device, cfg.devices.population) == \
+        ("mnist_5k", "vgg11", "auto", "prfl_paper")
+    assert cfg.cluster.client_actor.num_gpus == 0.5 and cfg.server.max_virtual_s == 600.0
+    build_zoo_model("vgg11", (1, 28, 28), 10, cfg.model.options)
