@@ -128,15 +128,21 @@ def prfl(runs) -> list[str]:
 
 
 def cahfp(runs) -> list[str]:
-    labs = [x for x in ("cahfp", "fedavg", "heterofl") if x in runs]
+    """CA-HFP and its variants (labels ``cahfp*``: how often and where channels are scored)."""
+    variants = ["cahfp"] + sorted(x for x in runs if x.startswith("cahfp_"))
+    labs = variants + [x for x in ("fedavg", "heterofl") if x in runs]
     out = table(runs, labs, [("final acc", lambda s: f"{s['final_accuracy']:.3f}"),
                              ("train FLOPs", lambda s: f"{s['train_flops'] / 1e9:.2f}G"),
                              ("bytes up", lambda s: f"{s['bytes_up'] / 1e6:.1f}MB")])
-    ac, ah = mean(runs, "cahfp", lambda s: s["final_accuracy"]), mean(runs, "heterofl", lambda s: s["final_accuracy"])
-    fc, ff = mean(runs, "cahfp", lambda s: s["train_flops"]), mean(runs, "fedavg", lambda s: s["train_flops"])
-    out.append(f"\nCA-HFP vs HeteroFL at the same keep ratios: mean final accuracy {ac:.3f} vs {ah:.3f} "
-               f"(claim: better, from curvature-chosen channels) -> {verdict(ac > ah)}")
-    out.append(f"CA-HFP vs FedAvg: training FLOPs {fc / 1e9:.2f}G vs {ff / 1e9:.2f}G ({(1 - fc / ff) * 100:.0f}% fewer)")
+    ah = mean(runs, "heterofl", lambda s: s["final_accuracy"])
+    ff = mean(runs, "fedavg", lambda s: s["train_flops"])
+    first = True
+    for v in variants:
+        ac, fc = mean(runs, v, lambda s: s["final_accuracy"]), mean(runs, v, lambda s: s["train_flops"])
+        out.append(f"{chr(10) if first else ''}{v} vs HeteroFL at the same keep ratios: mean final accuracy {ac:.3f} vs "
+                   f"{ah:.3f} (claim: better, from curvature-chosen channels) -> {verdict(ac > ah)}; executed training "
+                   f"FLOPs vs FedAvg {fc / 1e9:.2f}G vs {ff / 1e9:.2f}G ({change(fc, ff, 'fewer', 'more')})")
+        first = False
     return out
 
 

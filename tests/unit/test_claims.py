@@ -80,3 +80,19 @@ def test_composed_method_is_judged_per_setting_and_over_its_settings(tmp_path):
     assert "(fedbuff as fast or faster)" in text  # adaptive_dir10: 95 vs 100
     assert "(missed the target on a seed)" in text  # adaptive_classes2
     assert "fastest to target on 1 of 3 settings (adaptive; claim: at least 2 of 3) -> **not reproduced**" in text
+
+
+def test_cahfp_variants_are_each_judged_against_heterofl(tmp_path):
+    def acc(a, flops):
+        return {"final_accuracy": a, "train_flops": flops, "bytes_up": 1e6, "bytes_down": 1e6, "virtual_s": 10.0,
+                "time_to_target_s": None}
+    write_run(tmp_path, "cahfp", "cahfp", 0, acc(0.70, 110e9))
+    write_run(tmp_path, "cahfp", "cahfp_every5", 0, acc(0.85, 70e9), method={"name": "cahfp", "score_every": 5})
+    write_run(tmp_path, "cahfp", "heterofl", 0, acc(0.80, 65e9))
+    write_run(tmp_path, "cahfp", "fedavg", 0, acc(0.78, 100e9))
+    text = "\n".join(claims.check(tmp_path))
+    assert "cahfp vs HeteroFL at the same keep ratios: mean final accuracy 0.700 vs 0.800 (claim: better, from " \
+           "curvature-chosen channels) -> **not reproduced**; executed training FLOPs vs FedAvg 110.00G vs 100.00G " \
+           "(10% more)" in text
+    assert "cahfp_every5 vs HeteroFL at the same keep ratios: mean final accuracy 0.850 vs 0.800" in text
+    assert "-> **reproduced (direction)**; executed training FLOPs vs FedAvg 70.00G vs 100.00G (30% fewer)" in text
