@@ -87,6 +87,7 @@ class AdaptivePlanner(AsyncPlanner):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.start_ratio = speed_ratios(ctx.profiles.column("speed"), self.params.ratios)
+        self._subs: dict = {}  # (client, ratio) -> its submodel: one object, costed once by the dispatcher
 
     def init_state(self):
         p = self.params
@@ -121,8 +122,10 @@ class AdaptivePlanner(AsyncPlanner):
         r = self.ratio(c)
         if r >= 1.0:
             return Assignment(client_id=c, send="delta", info=(("keep_ratio", 1.0),))
-        return Assignment(client_id=c, submodel=scored_submodel(self.ctx, c, r, self.params.score_batches),
-                          send="delta", client=(("keep_ratio", r),), info=(("keep_ratio", r),))
+        sub = self._subs.get((c, r))
+        if sub is None:
+            sub = self._subs[(c, r)] = scored_submodel(self.ctx, c, r, self.params.score_batches)
+        return Assignment(client_id=c, submodel=sub, send="delta", client=(("keep_ratio", r),), info=(("keep_ratio", r),))
 
 
 class AdaptiveServer(AsyncServer):
