@@ -71,7 +71,7 @@ def test_run_writes_outputs(ray_session, tmp_path):
 
     hp = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/session_start_info"]).session_start_info
-    assert set(start.hparams) == {"method", "seed", "train.lr", "server.clients_per_round"}
+    assert set(start.hparams) == {"method", "method.server_momentum", "seed", "train.lr", "server.clients_per_round"}
     assert start.hparams["method"].string_value == "fedavg" and "hparams/final_accuracy" in tags
     # the MLP (38 KB) is below Ray's inline size: each round's version travels by value inside
     # the round's calls (6 versions), only the initial one was put (the driver's first reference)
