@@ -41,9 +41,10 @@ def test_load_reads_label_and_seed_of_hashed_run_folders(tmp_path):
 
 
 def test_claims_are_found_by_experiment_name():
-    assert claims.claim_for("prfl_paper") is claims.prfl and claims.claim_for("prfl_iid") is claims.prfl
+    assert claims.claim_for("prfl_paper") is claims.prfl and claims.claim_for("prfl_paper_iid_mnist5k") is claims.prfl
     assert claims.claim_for("autoflip_mnist") is claims.autoflip
     assert claims.claim_for("clamp_family") is claims.clamp and claims.claim_for("fedbuff_vs_fedavg") is claims.fedbuff
+    assert claims.claim_for("adaptive_dir10") is claims.composed and claims.claim_for("cahfp_mnist5k") is claims.cahfp
     assert claims.claim_for("privacy") is None
 
 
