@@ -74,14 +74,14 @@ class ServerConfig:
     eval_every: int = _f(1, check=POS)
     target_accuracy: float | None = _f(None, check=UNIT_POS, doc="target of the task's primary metric (time to target)")
     max_virtual_s: float | None = _f(None, check=POS, doc="stop after this virtual time")
+    stop_at_target: bool = _f(False, doc="end at the first evaluation that reaches target_accuracy (final = at target)")
     client_eval_every: int = _f(0, check=NONNEG, doc="evaluate the model on every client's own data every this "
                                 "many aggregations (per-client spread; 0: never)")
     client_eval_clients: int | None = _f(None, check=POS, doc="clients in each per-client evaluation (null: all; "
                                          "else a seeded sample)")
     max_rejected_rounds: int = _f(5, check=NONNEG, doc="stop when every update of this many consecutive "
                                   "aggregations was rejected (0: never)")
-    max_examples_weight: float | None = _f(None, check=POS, doc="cap on an update's example-count weight (the "
-                                           "server's own count of the client's data caps it always)")
+    max_examples_weight: float | None = _f(None, check=POS, doc="cap on an update's example-count weight")
     target_epsilon: float | None = _f(None, check=POS, doc="DP: stop before the privacy loss passes this epsilon")
 
 
@@ -329,10 +329,10 @@ def _check_cross(cfg: ExperimentConfig) -> None:
         if not cfg.data.download and not Path(cfg.data.root).is_dir():
             raise ConfigError("data.root", f"folder '{cfg.data.root}' does not exist")
     if cfg.server.clients_per_round > cfg.data.num_clients:
-        raise ConfigError(
-            "server.clients_per_round",
-            f"must be <= data.num_clients ({cfg.data.num_clients}), got {cfg.server.clients_per_round}",
-        )
+        raise ConfigError("server.clients_per_round",
+                          f"must be <= data.num_clients ({cfg.data.num_clients}), got {cfg.server.clients_per_round}")
+    if cfg.server.stop_at_target and cfg.server.target_accuracy is None:
+        raise ConfigError("server.stop_at_target", "needs server.target_accuracy")
     if cfg.data.partition.kind == "natural" and cfg.data.name in DATASETS and cfg.data.name not in ("femnist", "synthetic"):
         raise ConfigError("data.partition.kind", f"'natural' needs a data set with writers (femnist, synthetic), not {cfg.data.name!r}")
     if cfg.devices.trace_path is not None and not Path(cfg.devices.trace_path).is_file():

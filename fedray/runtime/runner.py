@@ -90,8 +90,9 @@ class Runner:
         self.pool = ActorPool(cfg, s.profiles, lambda opts: ClientActor.options(**opts).remote(
             cfg, ds.input_shape, ds.num_classes))
         self.placement_group = self.pool.placement_group
+        self.aggregator = self._new_aggregator(attach=False)  # its process starts while the client actors' do
         self.pool.start()
-        self.aggregator = self._new_aggregator()
+        self.aggregator.attach.remote(self.pool.actors, self.shared)
         if resumed is not None:
             ray.get(self.aggregator.load_state_dict.remote(resumed["aggregator"]))
         started = ray.get(self.aggregator.start.remote())
@@ -113,12 +114,13 @@ class Runner:
         return self.method.Planner(PlanContext(cfg, cfg.method.name, cfg.method.params, s.model, self.channel,
                                                s.profiles, s.examples))
 
-    def _new_aggregator(self):
+    def _new_aggregator(self, attach: bool = True):
         s, cfg = self.setup, self.cfg
         gpus = cluster.gpu_share(cfg, aggregator=True)  # evaluation on the GPU where auto finds one
         agg = AggregatorActor.options(num_cpus=cfg.cluster.aggregator_cpus, num_gpus=gpus).remote(
             cfg, s.params, self.test_ref, s.dataset.input_shape, s.dataset.num_classes, s.examples)
-        agg.attach.remote(self.pool.actors, self.shared)  # it dispatches synchronous rounds
+        if attach:
+            agg.attach.remote(self.pool.actors, self.shared)  # it dispatches synchronous rounds
         return agg
 
     # ------------------------------------------------------------ talking to the actors
@@ -195,10 +197,12 @@ class Runner:
 
     # ------------------------------------------------------------ schedule helpers
     def out_of_time(self, t: float) -> bool:
-        """Past ``server.max_virtual_s``, or the next aggregation would pass ``server.target_epsilon``
-        (local DP: once it has)."""
-        lim = self.cfg.server.max_virtual_s
-        return (lim is not None and t >= lim) or (
+        """Past ``server.max_virtual_s``, at the target with ``server.stop_at_target``, or the next
+        aggregation would pass ``server.target_epsilon`` (local DP: once it has)."""
+        srv = self.cfg.server
+        if srv.stop_at_target and self.tracker.state["target_s"] is not None:
+            return True
+        return (srv.max_virtual_s is not None and t >= srv.max_virtual_s) or (
             self.ledger is not None and self.ledger.exhausted(self.dispatcher.version, self.accounting.totals.sent))
 
     def eval_due(self) -> bool:

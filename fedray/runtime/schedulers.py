@@ -58,7 +58,8 @@ class SyncScheduler:
     def __call__(self, on_aggregate) -> None:
         run = self.run
         cfg, d = run.cfg, run.dispatcher
-        pipelined = not run.method.feedback and cfg.devices.mode == "simulated"
+        stop_at_target = cfg.server.stop_at_target  # then each call ends at an evaluation, read before going on
+        pipelined = not run.method.feedback and cfg.devices.mode == "simulated" and not stop_at_target
         per_call = min(2, cfg.cluster.rounds_per_call) if pipelined else 1
         t, r = self.t, self.r
         planned: list = []  # [(recs, (evaluate, record, client_eval), round)] not sent yet
@@ -131,7 +132,7 @@ class SyncScheduler:
                 d.release(x.client_id)
             r += 1
             due = run.checkpoint_due(d.version)
-            if len(planned) >= per_call or due:
+            if len(planned) >= per_call or due or (stop_at_target and planned[-1][1][0]):
                 send()
             # the round lasts as long as its slowest client (or the deadline); in real mode its
             # ends are the measured ones, known once the round is read (``send`` above)

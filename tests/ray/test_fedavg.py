@@ -127,3 +127,16 @@ def test_matches_plain_pytorch_loop(ray_session, tmp_path):
         plain.append(plain_fedavg(cfg, seed=100 + seed)["final_accuracy"])
     assert abs(np.mean(fed) - np.mean(plain)) <= 0.03, (fed, plain)
     assert np.mean(fed) > 0.8
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedbuff"])
+def test_stop_at_target_ends_at_the_first_evaluation_on_target_and_changes_nothing_before(ray_session, tmp_path, method):
+    over = {"method.name": method, "server.rounds": 30, "server.target_accuracy": 0.5}
+    full = run(small(tmp_path, **over))
+    stop = run(small(tmp_path, **over, **{"server.stop_at_target": "true"}))
+    assert full["time_to_target_s"] is not None and stop["time_to_target_s"] == full["time_to_target_s"]
+    assert stop["rounds"] < full["rounds"] == 30 and stop["status"] == "completed"
+    ev = [pq.read_table(f"{s['run_dir']}/metrics.parquet").to_pandas().query("event == 'eval'") for s in (full, stop)]
+    assert ev[1].accuracy.iloc[-1] >= 0.5 > ev[1].accuracy.iloc[:-1].max()  # ends at the first eval on target
+    assert ev[1].accuracy.tolist() == ev[0].accuracy.tolist()[: len(ev[1])]
+    assert stop["final_accuracy"] == ev[1].accuracy.iloc[-1]

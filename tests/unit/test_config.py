@@ -82,6 +82,12 @@ def test_error_carries_field():
     assert e.value.field == "server.eval_every"
 
 
+def test_stop_at_target_needs_a_target():
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"server": {"stop_at_target": True}})
+    assert e.value.field == "server.stop_at_target"
+
+
 def test_clamp_family_is_on_the_published_defaults():
     """CLAMP / MA-CLAMP: 50 clients, 10 per round, Adam 1e-3, batch 64, depth 3 of 5, rho 0.5,
     speeds 10% 0.3-0.6x / 80% 0.8-1.4x / 10% 1.8-2.5x."""
