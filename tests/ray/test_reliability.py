@@ -19,7 +19,7 @@ from fedray.errors import Interrupted, RunStopped
 from fedray.runtime.runner import Runner
 from fedray import config as C
 from fedray import runs
-from tests.runkit import reference, run_folder, small, stop_after, table
+from tests.runkit import reference, small, stop_after, table
 
 pytestmark = pytest.mark.ray
 FEDRAY = Path(sys.executable).parent / "fedray"
@@ -113,8 +113,15 @@ def _interrupt_when_rows_exist(path: Path, run_dir: Path, sig) -> subprocess.Com
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+@pytest.fixture(scope="module")
+def straight_cli_run(ray_session, tmp_path_factory) -> Path:
+    """The CLI config's run in one go (in this process: the reference both signals compare with)."""
+    path = _cli_config(tmp_path_factory.mktemp("straight"))
+    return Path(Runner(C.load(path, [f"runtime.out_dir={path.parent / 'straight'}"])).run()["run_dir"])
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_signals_end_the_run_with_a_checkpoint_and_resume_is_exact(tmp_path, sig, code):
+def test_signals_end_the_run_with_a_checkpoint_and_resume_is_exact(tmp_path, sig, code, straight_cli_run):
     path = _cli_config(tmp_path)
     run_dir = C.load(path).run_dir  # runs/sig/fedavg-s0-<config hash>
     r = _interrupt_when_rows_exist(path, run_dir, sig)
@@ -139,13 +146,7 @@ def test_signals_end_the_run_with_a_checkpoint_and_resume_is_exact(tmp_path, sig
                               text=True, timeout=300)
         assert done.returncode == 0 and done.stdout.startswith(f"already run: {run_dir} holds a completed run")
         assert "not training again (--rerun" in done.stdout and list(run_dir.parent.iterdir()) == [run_dir]
-    straight_cfg = yaml.safe_load(path.read_text())
-    straight_cfg["runtime"]["out_dir"] = str(tmp_path / "straight")
-    path.write_text(yaml.safe_dump(straight_cfg))
-    r = subprocess.run([str(FEDRAY), "run", str(path), "--quiet"], env=_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    straight = run_folder(tmp_path / "straight" / "sig", "fedavg")
+    straight = straight_cli_run
     assert table(run_dir).equals(table(straight))
     a, b = json.loads((run_dir / "summary.json").read_text()), json.loads((straight / "summary.json").read_text())
     assert a["status"] == "completed" and a["model_sha256"] == b["model_sha256"]
