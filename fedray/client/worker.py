@@ -27,7 +27,7 @@ from fedray import security, seeding
 from fedray.aggregation import attacks
 from fedray.channel import Channel
 from fedray.client.trainer import _named, _state, get_params, local_train, resolve_device
-from fedray.client.vectorised import Job, group_size, load_tensors, per_example_loss, train_group
+from fedray.client.vectorised import Job, group_size, load_tensors, per_example_loss, train_group, vmap_loss
 from fedray.devices.throttle import Throttle
 from fedray.methods import registry
 from fedray.methods.base import Assignment, ClientContext, LocalRun
@@ -254,7 +254,7 @@ class ClientWorker:
         jobs = [Job(p.run.start, p.y, np.asarray(p.idx), p.seed, p.mask) for p in ps]
         try:
             results = train_group(first.model, jobs, self.x, first.cfg, trainable=first.trainable,
-                                  device=self.device, loss_fn=self.task.loss, per_example=self._per_example)
+                                  device=self.device, loss_fn=vmap_loss(self.task), per_example=self._per_example)
         except NotImplementedError:  # the model draws random numbers: one by one from now on
             self._stochastic.add(first.model)
             return [self._train_one(p) for p in ps]
