@@ -103,7 +103,7 @@ class Optimizer:
         self.params, self.cfg = list(params), cfg
         self.state: dict = {}  # per parameter: the momentum buffer, or Adam's step and moments
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:  # to None, as torch.optim's default
         for p in self.params:
             p.grad = None
 
@@ -131,10 +131,6 @@ class Optimizer:
             self.state.update(zip(ps, bufs))
 
 
-def make_optimizer(params, cfg) -> Optimizer:
-    return Optimizer(params, cfg)
-
-
 def _optimizer(model: nn.Module, names: tuple[str, ...], cfg) -> Optimizer:
     """An optimizer over ``names`` of ``model``, kept per (parameters, settings) instead of a
     new one per task; :func:`local_train` clears its state after every task, which is what a
@@ -144,7 +140,7 @@ def _optimizer(model: nn.Module, names: tuple[str, ...], cfg) -> Optimizer:
     opt = cache.get(key)
     if opt is None:
         named = _named(model)
-        opt = cache[key] = make_optimizer([named[k] for k in names], cfg)
+        opt = cache[key] = Optimizer([named[k] for k in names], cfg)
     return opt
 
 
@@ -226,7 +222,7 @@ def local_train(
         for idx in batches(np.asarray(indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps, rng):
             xb = torch.from_numpy(x[idx]).to(device, non_blocking=True)
             yb = torch.from_numpy(y[idx]).to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = loss_fn(model(xb), yb)
             loss.backward()
             if after_backward is not None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedray.client.trainer import TrainStats, _named, _state, batches, make_optimizer, to_device
+from fedray.client.trainer import Optimizer, TrainStats, _named, _state, batches, to_device
 from fedray.tasks import Classification, Regression
 
 __all__ = ["Job", "group_size", "train_group", "per_example_loss", "vmap_loss", "load_tensors"]
@@ -188,7 +188,7 @@ def train_group(model: nn.Module, jobs: list[Job], x: np.ndarray, cfg, *, traina
     for k in train_names:
         P[k].requires_grad_(True)
     keep = _masks(jobs, train_names, P, device)
-    opt = make_optimizer([P[k] for k in train_names], cfg)
+    opt = Optimizer([P[k] for k in train_names], cfg)
     plans = [list(batches(np.asarray(j.indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps,
                           np.random.default_rng(j.seed))) if len(j.indices) else [] for j in jobs]
     steps = np.array([len(p) for p in plans])
@@ -221,7 +221,7 @@ def train_group(model: nn.Module, jobs: list[Job], x: np.ndarray, cfg, *, traina
         active = np.flatnonzero(steps > s)
         lens = np.zeros(n_jobs, dtype=np.int64)
         lens[active] = [len(plans[c][s]) for c in active]
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         if len(active) == n_jobs and (lens == lens[0]).all():  # every client, one length: no padding
             loss = batched(P, B, *gather(np.stack([plans[c][s] for c in range(n_jobs)]), range(n_jobs)))
             loss.sum().backward()

@@ -84,6 +84,7 @@ class ClientWorker:
         self._hooked = self.algorithm.overrides("after_backward") or self.algorithm.overrides("end_epoch")
         self._reads_model = self.algorithm.overrides("finalize")  # may read the trained model
         self._per_example = per_example_loss(self.task)  # losses per example (None: not a known mean)
+        self._vmap_loss = vmap_loss(self.task)  # the loss vectorised training minimises
         self._stochastic: set = set()  # models vmap cannot train (dropout)
         self.together = 0  # tasks trained in groups so far
 
@@ -254,7 +255,7 @@ class ClientWorker:
         jobs = [Job(p.run.start, p.y, np.asarray(p.idx), p.seed, p.mask) for p in ps]
         try:
             results = train_group(first.model, jobs, self.x, first.cfg, trainable=first.trainable,
-                                  device=self.device, loss_fn=vmap_loss(self.task), per_example=self._per_example)
+                                  device=self.device, loss_fn=self._vmap_loss, per_example=self._per_example)
         except NotImplementedError:  # the model draws random numbers: one by one from now on
             self._stochastic.add(first.model)
             return [self._train_one(p) for p in ps]

@@ -126,13 +126,14 @@ class SyncScheduler:
             recs.sort()
             record = RoundRecord(d.version, tuple(int(c) for c in sel),
                                  tuple(x.client_id for x in recs if x.outcome != "update"), limit)
-            planned.append((recs, (run.eval_due(), record, run.client_eval_due(d.version + 1)), r))
+            evaluate = run.eval_due()
+            planned.append((recs, (evaluate, record, run.client_eval_due(d.version + 1)), r))
             d.version += 1
             for x in recs:  # every client of a synchronous round is done when the round ends
                 d.release(x.client_id)
             r += 1
             due = run.checkpoint_due(d.version)
-            if len(planned) >= per_call or due or (stop_at_target and planned[-1][1][0]):
+            if len(planned) >= per_call or due or (stop_at_target and evaluate):
                 send()
             # the round lasts as long as its slowest client (or the deadline); in real mode its
             # ends are the measured ones, known once the round is read (``send`` above)
