@@ -16,6 +16,9 @@ checked; the non-finite ones are rejected (reason ``nonfinite``, as at admission
 aggregation is redone without them, or waits for the buffer to fill again, exactly as if
 they had been rejected when they arrived. Updates still buffered when the call ends are
 scanned then, so every update's verdict is final when :meth:`AggregatorCore.receive` returns.
+The new model's own check (never publish a non-finite model) reads nothing again for the tensors
+the merge kernel wrote: the kernel sums each tile times zero as it writes it
+(:func:`~fedray.aggregation.kernels.finite_outputs`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fedray.aggregation import validate
+from fedray.aggregation import kernels, validate
 from fedray.aggregation.accumulate import Contribution
 from fedray.aggregation.defense import Defense
 from fedray.aggregation.kernels import all_finite
@@ -125,10 +128,13 @@ class AggregatorCore:
                 self.excluded.extend(left_out)
                 self.pending.clear()
                 return None
-        out = self.server.aggregate(self.params, entries, record)
+        with kernels.finite_outputs() as merged:
+            out = self.server.aggregate(self.params, entries, record)
         res = out if isinstance(out, Aggregation) else Aggregation(out)
         new = res.params
-        bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not all_finite(v)]
+        if not self.server.fused_check():  # it may change the merge's arrays in place: read them all
+            merged = {}
+        bad = [k for k, v in new.items() if np.issubdtype(v.dtype, np.floating) and not _finite(v, merged)]
         if bad and self._scan():  # non-finite updates the merge met, now rejected: again without them
             if self.pending and (forced or self.server.trigger(len(self.pending))):
                 return self.aggregate(record, forced)
@@ -279,6 +285,12 @@ class AggregatorCore:
         self.store.load_state_dict(state["store"])
         if self.defense is not None and state.get("defense") is not None:
             self.defense.load_state_dict(state["defense"])
+
+
+def _finite(v: np.ndarray, merged: dict) -> bool:
+    """No NaN or Inf in ``v``: the merge kernel's verdict if it wrote ``v`` (no second read), else a scan."""
+    hit = merged.get(id(v))
+    return hit[1] if hit is not None and hit[0] is v else all_finite(v)
 
 
 def _finite_state(state) -> bool:

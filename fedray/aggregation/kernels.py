@@ -65,6 +65,8 @@ callers route other dtypes (integer counters, float16) to the numpy rules.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple, Sequence
 
@@ -257,6 +259,7 @@ def _item(wi, work, tens, pcs, weights, like, mode, scale, tile):
     itemsize = like.itemsize
     aw0 = acc_w.ctypes.data
     am0 = acc_m.ctypes.data
+    fin = 0.0
     for tt in range(lo, hi):
         t0 = tt * tile
         t1 = min(n, t0 + tile)
@@ -376,6 +379,8 @@ def _item(wi, work, tens, pcs, weights, like, mode, scale, tile):
                             if mode == 0:
                                 acc_m[i] += w
         _finish(acc_w, acc_m, old[t0:t1], out[t0:t1], mode, scale)
+        fin += _finite_sum(out[t0:t1])  # the tile just written, still in cache: 0, or NaN if not finite
+    return fin
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -394,15 +399,15 @@ def _finish(acc_w, acc_m, old, out, mode, scale):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _run_serial(work, tens, pcs, weights, like, mode, scale, tile):
+def _run_serial(work, tens, pcs, weights, like, mode, scale, tile, fin):
     for wi in range(work.shape[0]):
-        _item(wi, work, tens, pcs, weights, like, mode, scale, tile)
+        fin[wi] = _item(wi, work, tens, pcs, weights, like, mode, scale, tile)
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def _run_parallel(work, tens, pcs, weights, like, mode, scale, tile):
+def _run_parallel(work, tens, pcs, weights, like, mode, scale, tile, fin):
     for wi in prange(work.shape[0]):
-        _item(wi, work, tens, pcs, weights, like, mode, scale, tile)
+        fin[wi] = _item(wi, work, tens, pcs, weights, like, mode, scale, tile)
 
 
 # ---------------------------------------------------------------------- packing
@@ -494,6 +499,24 @@ def _check_mode(mode: int, weights: np.ndarray) -> None:
         raise ValueError("mixing rates must be in [0, 1]")
 
 
+_SEEN: contextvars.ContextVar = contextvars.ContextVar("fedray_merge_finite", default=None)
+
+
+@contextlib.contextmanager
+def finite_outputs():
+    """Inside the block, every array :func:`merge_many` writes is recorded in the yielded dict as
+    ``{id(array): (array, finite)}``; ``finite`` comes from the kernel's own writes (each tile is
+    summed times zero while it is still in cache), so checking the merged model costs no second
+    read of it. Valid only for arrays nobody modified in place since (the aggregator asks right
+    after the server's ``aggregate``; see ``Server.fused_check``)."""
+    seen: dict = {}
+    token = _SEEN.set(seen)
+    try:
+        yield seen
+    finally:
+        _SEEN.reset(token)
+
+
 def merge_many(olds: Sequence[np.ndarray], pieces: Sequence[Sequence], weights: Sequence[Sequence[float]],
                mode: int = MEAN, *, scale: float = 1.0, tile: int | None = None, parallel: bool | None = None,
                names: Sequence[str] | None = None) -> list[np.ndarray]:
@@ -547,10 +570,18 @@ def merge_many(olds: Sequence[np.ndarray], pieces: Sequence[Sequence], weights: 
         parallel = threads > 1 and total > 1 and sum(o.size for o in olds) >= PARALLEL_MIN
     per_item = max(1, -(-total // (4 * threads))) if parallel else max(spans)
     work = [[t, lo, min(lo + per_item, nt)] for t, nt in enumerate(spans) for lo in range(0, nt, per_item)]
+    fin = np.zeros(len(work))
     args = (np.array(work, np.int64), np.array(tens, np.int64), np.array(rows, np.int64),
-            np.concatenate(wts), np.empty(0, dtype), mode, float(scale), tile)
+            np.concatenate(wts), np.empty(0, dtype), mode, float(scale), tile, fin)
     (_run_parallel if parallel else _run_serial)(*args)
     del keep
+    seen = _SEEN.get()
+    if seen is not None:  # whether each tensor the kernel wrote is finite, from its own writes
+        by_tensor = np.zeros(len(tens))
+        np.add.at(by_tensor, args[0][:, 0], fin)
+        done = [out for out, (old, ps) in zip(outs, zip(olds, pieces)) if old.size and ps]
+        for out, x in zip(done, by_tensor):
+            seen[id(out)] = (out, bool(x == 0.0))
     return outs
 
 
@@ -624,18 +655,36 @@ def _popcount(words):
     return c
 
 
+@njit(cache=True, nogil=True)
+def _popcount_rows(addrs, sizes, out):
+    """``out[i]`` = set bits of the ``sizes[i]`` bytes at ``addrs[i]``: 64 bits per step from the
+    first 8-aligned byte, the bytes before and after it one by one."""
+    for i in range(addrs.shape[0]):
+        a, n = addrs[i], sizes[i]
+        b = numba.carray(_voidptr(a), n, np.uint8)
+        head = min(n, (8 - a % 8) % 8)
+        words = (n - head) // 8
+        c = _popcount(b[:head]) + _popcount(b[head + 8 * words:])
+        if words:
+            c += _popcount(numba.carray(_voidptr(a + head), words, np.uint64))
+        out[i] = c
+
+
+def popcounts(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Set bits of each uint8 array in ``masks`` (packed masks' coverage), in one kernel call:
+    a payload's masks are counted together, not at ~4 us of call overhead each."""
+    masks = [_ro(np.asarray(m)) for m in masks]
+    if any(m.dtype != np.uint8 for m in masks):
+        raise ValueError(f"packed masks are uint8, got {sorted({str(m.dtype) for m in masks})}")
+    out = np.zeros(len(masks), np.int64)
+    if masks:
+        _popcount_rows(np.array([_addr(m) for m in masks], np.int64), np.array([m.size for m in masks], np.int64), out)
+    return out
+
+
 def popcount(bits: np.ndarray) -> int:
-    """Set bits in a uint8 array (a packed mask's coverage): 64 bits per step where the bytes are
-    8-aligned (as Arrow and the object store lay them out), the tail byte by byte."""
-    bits = _ro(np.asarray(bits))
-    if bits.dtype != np.uint8:
-        raise ValueError(f"packed masks are uint8, got {bits.dtype}")
-    head = (-_addr(bits)) % 8 if bits.size else 0
-    n = head + (bits.size - head) // 8 * 8 if bits.size > head else bits.size
-    c = int(_popcount(bits[:head])) + int(_popcount(bits[n:]))
-    if n > head:
-        c += int(_popcount(bits[head:n].view(np.uint64)))
-    return c
+    """Set bits in one uint8 array (see :func:`popcounts`)."""
+    return int(popcounts([bits])[0])
 
 
 def strictly_increasing(ix: np.ndarray, lo: int, hi: int) -> bool:

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from fedray.aggregation.kernels import DTYPES, all_finite, popcount, strictly_increasing
+from fedray.aggregation.kernels import DTYPES, all_finite, popcount, popcounts, strictly_increasing
 from fedray.submodel.encode import Entry, Payload
 from fedray.update import Update
 
@@ -35,7 +35,8 @@ REASONS = ("duplicate", "stale", "client_error", "zero_examples", "missing_key",
            "shape", "dtype", "mask_mismatch", "nonfinite", "size", "extras", "state", "nonfinite_result")
 
 
-def _check_entry(e: Entry, ref: np.ndarray, finite: bool = True) -> str | None:
+def _check_entry(e: Entry, ref: np.ndarray, finite: bool = True, count: int | None = None) -> str | None:
+    """``count``: the set bits of a bitmask entry's mask, when counted already (:func:`_bit_counts`)."""
     if not isinstance(e, Entry) or not isinstance(e.values, np.ndarray):
         return "mask_mismatch"
     if e.values.dtype != ref.dtype:
@@ -65,7 +66,7 @@ def _check_entry(e: Entry, ref: np.ndarray, finite: bool = True) -> str | None:
         bits = e.index[0] if len(e.index) == 1 else None
         if bits is None or bits.dtype != np.uint8 or bits.ndim != 1 or len(bits) != -(-ref.size // 8):
             return "mask_mismatch"
-        if e.values.ndim != 1 or popcount(bits) != len(e.values):
+        if e.values.ndim != 1 or (popcount(bits) if count is None else count) != len(e.values):
             return "mask_mismatch"
         if ref.size % 8 and bits[-1] >> (ref.size % 8):  # padding bits (the high ones) must be clear
             return "mask_mismatch"
@@ -101,8 +102,17 @@ def check(header: Update, payload: Payload | None, model: Mapping[str, np.ndarra
             return "unknown_key"
     if keys - set(model):
         return "unknown_key"
+    counts = _bit_counts(payload)
     for k, e in payload.entries.items():
-        reason = _check_entry(e, model[k], finite)
+        reason = _check_entry(e, model[k], finite, counts.get(k))
         if reason:
             return reason
     return None
+
+
+def _bit_counts(payload: Payload) -> dict[str, int]:
+    """Set bits of every well-formed packed mask of ``payload`` (uint8, 1-D), counted in one call."""
+    keys = [k for k, e in payload.entries.items() if isinstance(e, Entry) and e.kind == "bitmask"
+            and len(e.index) == 1 and isinstance(e.index[0], np.ndarray) and e.index[0].dtype == np.uint8
+            and e.index[0].ndim == 1]
+    return dict(zip(keys, popcounts([payload.entries[k].index[0] for k in keys]).tolist())) if keys else {}

@@ -83,3 +83,37 @@ def test_the_merge_is_the_first_read_only_where_it_is_exact(monkeypatch):
     run(lambda: server("fedbuff", buffer_size=3, server_momentum=0.9), [items(3, (), kind="delta")], True)
     assert len(scanned) == 6  # momentum keeps state: scanned at admission
     assert server("fedfix").fused_check() and not server("fedasync").fused_check()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_the_merge_kernel_knows_whether_what_it_wrote_is_finite(parallel, mode):
+    from fedray.aggregation import kernels
+    from fedray.aggregation.kernels import Piece
+
+    rng = np.random.default_rng(3)
+    olds = [rng.standard_normal(40_000).astype(np.float32) for _ in range(3)]
+    vals = [rng.standard_normal(40_000).astype(np.float32) for _ in range(3)]
+    vals[1][33_333] = np.inf if mode == 1 else np.nan  # tensor 1 ends non-finite, far into a later tile
+    pieces = [[Piece("dense", v, ())] for v in vals[:2]] + [[]]  # tensor 2: no piece, the kernel writes nothing
+    with kernels.finite_outputs() as seen:
+        outs = kernels.merge_many(olds, pieces, [[0.5], [0.5], []], mode, tile=4096, parallel=parallel)
+    assert {k: f for k, (a, f) in seen.items()} == {id(outs[0]): True, id(outs[1]): False}
+    assert [seen[id(o)][1] for o in outs[:2]] == [bool(np.isfinite(o).all()) for o in outs[:2]]
+    kernels.merge_many(olds, pieces, [[0.5], [0.5], []], mode)
+    assert len(seen) == 2  # outside the block nothing is recorded
+
+
+def test_the_new_model_check_reads_nothing_the_merge_wrote(monkeypatch):
+    """Regression (issue 14): the aggregation read the whole merged model once more for NaN/Inf."""
+    from fedray.aggregation import core as core_mod
+
+    scanned = []
+    real = core_mod.all_finite
+    monkeypatch.setattr(core_mod, "all_finite", lambda a: scanned.append(a.size) or real(a))
+    c, _ = run(lambda: server("fedbuff", buffer_size=3, staleness="constant"), [items(3, (), kind="delta")], True)
+    assert c.version == 1 and scanned == []
+    c, _ = run(lambda: server("fedbuff", buffer_size=3, staleness="constant"), [items(3, (1,), kind="delta")], True)
+    assert c.rejected["nonfinite"] == 1 and c.version == 0  # found by the kernel's flag, then the scan of updates
+    c, _ = run(lambda: server("fedbuff", buffer_size=3, server_momentum=0.9), [items(3, (), kind="delta")], True)
+    assert c.version == 1 and len(scanned) == 2  # momentum may change the merge's arrays: the model is read

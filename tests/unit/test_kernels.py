@@ -318,3 +318,13 @@ def test_aggregator_core_buffers_payloads_and_merges_them():
     shapes = {k: v.shape for k, v in g.items()}
     expect = rules.apply_delta_mean(g, [rules.Contribution(*decode(p, shapes), 1.0) for p in payloads], 1.0)
     assert_same(core.params, expect)
+
+
+def test_popcounts_counts_many_masks_in_one_call_as_one_by_one():
+    rng = np.random.default_rng(5)
+    buf = rng.integers(0, 256, 4096, dtype=np.uint8)
+    masks = [buf[s:s + n] for s, n in [(0, 0), (1, 7), (3, 100), (8, 64), (5, 1000), (0, 4096)]]  # any alignment
+    assert K.popcounts(masks).tolist() == [int(np.unpackbits(m).sum()) for m in masks]
+    assert K.popcounts([]).tolist() == []
+    with pytest.raises(ValueError, match="uint8"):
+        K.popcounts([buf, np.ones(3, np.int64)])
