@@ -110,7 +110,7 @@ class ClientActorsConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     address: str | None = _f(None, doc="Ray address; None starts Ray embedded")
-    num_client_actors: int = _f(2, check=POS, doc="client actors (a fixed pool)")
+    num_client_actors: int = _f(2, check=NONNEG, doc="client actors (a fixed pool); 0: the aggregator trains (sync)")
     client_actors: ClientActorsConfig | None = _f(None, doc="an elastic pool {min, max} instead of a fixed one")
     actor_wait_s: float = _f(300.0, check=POS, doc="seconds to wait for client actors to run (start, replacements)")
     client_actor: ClientActorConfig = _f(factory=ClientActorConfig)

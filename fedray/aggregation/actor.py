@@ -5,11 +5,18 @@ publishes each model version with exactly one ``ray.put`` and hands out the refe
 model below Ray's inline size travels by value inside each call instead), and it dispatches
 synchronous rounds -- and every dispatch of a method with client state -- to the client
 actors itself, attaching each task's client state and the server's broadcast arrays.
+
+With ``cluster.num_client_actors: 0`` (synchronous methods) there are no client actors: this
+actor trains each round's clients itself, with the same :class:`~fedray.client.worker.ClientWorker`
+a client actor runs, on read-only views of its model. No Ray call or copy per round, which is
+what a round costs when the model is small; the numbers are the same as with client actors.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import numpy as np
 import ray
 import torch
 
@@ -20,6 +27,21 @@ from fedray.client.actor import train_call
 from fedray.runtime.cluster import fetch_lists
 
 __all__ = ["AggregatorActor", "INLINE_BYTES"]
+
+
+class _Here(list):
+    """A training call run in this process: ``[headers, payloads...]``, what a client actor returns."""
+
+
+def _frozen(arrays: dict | None) -> dict | None:
+    """Read-only views of a dict of arrays (None stays None)."""
+    if arrays is None:
+        return None
+    out = {}
+    for k, v in arrays.items():
+        out[k] = np.asarray(v).view()
+        out[k].flags.writeable = False
+    return out
 
 INLINE_BYTES = 100 * 1024
 """Ray's ``max_direct_call_object_size``: a smaller task argument travels inside the task
@@ -53,6 +75,7 @@ class AggregatorActor:
         self._ref = None
         self._ref_version = -1
         self.actors, self.shared = [], []
+        self.worker_args, self.here = (cfg, input_shape, num_classes), None  # here: the in-process worker
         self.inline = sum(v.nbytes for v in params.values()) < INLINE_BYTES
         self.inlined, self._inline_version = 0, -1  # versions sent by value (small models)
 
@@ -74,6 +97,11 @@ class AggregatorActor:
         self.actors, self.shared = list(actors), shared
         data, partitions = ray.get(shared)
         self.core.evaluator.train = (data["x"], data["y"], partitions)
+        if self.actors == [None]:  # no client actors (cluster.num_client_actors: 0): the clients train here
+            from fedray.client.worker import ClientWorker
+
+            cfg, input_shape, num_classes = self.worker_args
+            self.here = ClientWorker(cfg, data, partitions, input_shape, num_classes)
 
     # ------------------------------------------------------------ asynchronous schedules
     def receive(self, calls: list, items: list, force: bool = False, evaluate: bool = True, dropped=()) -> dict:
@@ -94,9 +122,12 @@ class AggregatorActor:
     @staticmethod
     def _fetch(calls: list) -> list:
         """Per call ``[headers, payloads...]``, or the exception that lost the call."""
-        got = fetch_lists([ref for refs in calls for ref in refs])
+        got = fetch_lists([ref for refs in calls if not isinstance(refs, _Here) for ref in refs])
         out = []
         for refs in calls:
+            if isinstance(refs, _Here):
+                out.append(list(refs))
+                continue
             vals = [got[r] for r in refs]
             out.append(next((v for v in vals if isinstance(v, Exception)), vals))
         return out
@@ -147,6 +178,11 @@ class AggregatorActor:
         """One training call per ``(actor index, tasks)`` with the current version (or ``ref``'s)."""
         if not dispatch:  # every client of the round dropped out or missed the deadline
             return []
+        broadcast = self.core.server.broadcast()
+        if self.stateful:
+            dispatch = [(i, self.core.states_for(tasks)) for i, tasks in dispatch]
+        if self.here is not None:
+            return self._train_here(dispatch, ref, broadcast)
         if ref is None and self.inline:  # by value: Ray copies it into each call, no object-store round trip
             ref = self.core.params
             if self._inline_version != self.core.version:
@@ -154,10 +190,19 @@ class AggregatorActor:
                 self.inlined += 1
         elif ref is None:
             ref = self.model_ref()[0]
-        broadcast = self.core.server.broadcast()
-        if self.stateful:
-            dispatch = [(i, self.core.states_for(tasks)) for i, tasks in dispatch]
         return [train_call(self.actors[i], ref, tasks, self.shared, broadcast) for i, tasks in dispatch]
+
+    def _train_here(self, dispatch: list, ref, broadcast) -> list:
+        """:meth:`_dispatch` without client actors: each call trained now, in this process, on
+        read-only views of the model, the broadcast and the client states (as a client actor reads
+        them from the object store: nothing it does can change this actor's copies)."""
+        params, broadcast = _frozen(self.core.params if ref is None else ray.get(ref)), _frozen(broadcast)
+        out = []
+        for _, tasks in dispatch:
+            tasks = [dataclasses.replace(t, state=_frozen(t.state)) for t in tasks]
+            updates = self.here.run(params, tasks, broadcast)
+            out.append(_Here([[u.header() for u in updates], *[u.payload for u in updates]]))
+        return out
 
     # ------------------------------------------------------------ queries
     def evaluate(self) -> dict:

@@ -68,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from typing import NamedTuple, Sequence
 
 import numba
@@ -78,6 +79,12 @@ from numba.extending import intrinsic
 from llvmlite import ir
 
 from fedray.submodel.encode import decode_entry
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's OpenMP layer sets OpenMP's thread count (the libgomp torch uses) when a parallel
+    # kernel runs, so torch's cluster.torch_threads no longer held in this process after the first
+    # large merge; numba's own pool leaves torch alone.
+    numba.config.THREADING_LAYER = "workqueue"
 
 __all__ = ["MEAN", "DELTA", "MIX", "TILE", "DTYPES", "Piece", "merge", "merge_many", "merge_reference",
            "all_finite", "popcount", "strictly_increasing"]

@@ -218,6 +218,21 @@ def restart_options(cfg) -> dict:
     return {"max_restarts": cfg.cluster.max_restarts, "max_task_retries": cfg.cluster.max_task_retries}
 
 
+def trains_in_aggregator(cfg, method_name: str, schedule: str) -> bool:
+    """``cluster.num_client_actors: 0``: no client actors, the aggregator trains the clients itself
+    (one clear error, before Ray starts, for what needs client actors)."""
+    if cfg.cluster.num_client_actors or cfg.cluster.client_actors is not None:
+        return False
+    if schedule != "sync":
+        raise ConfigError("cluster.num_client_actors", f"0 (the aggregator trains the clients) runs synchronous "
+                                                      f"methods; {method_name} is {schedule}")
+    for field, needs in (("devices.actor_per_tier", cfg.devices.actor_per_tier),
+                         ("devices.placement", cfg.devices.placement != "none"), ("devices.mode", cfg.devices.mode == "real")):
+        if needs:
+            raise ConfigError(field, "places or throttles client actors: set cluster.num_client_actors >= 1")
+    return True
+
+
 def create_client_actors(cfg, profiles, make):
     """Create the client actors; returns ``({pool: [actors]}, placement_group | None)``.
 

@@ -5,7 +5,8 @@ Every slot holds one client actor (its options come from ``cluster.client_actor`
 routed to the ready slots of the client's pool, by dispatch id; since training is a pure
 function of its inputs, which actor trains a client never changes a number.
 
-- Fixed pool (``cluster.num_client_actors``): the run starts when every actor runs.
+- Fixed pool (``cluster.num_client_actors``): the run starts when every actor runs. With 0,
+  the pool has one slot and no actor (``None``): the aggregator trains its clients itself.
 - Elastic pool (``cluster.client_actors: {min: m, max: M}``): the run starts as soon as ``m``
   actors run; the others wait for room (a node that joins -- the Ray autoscaler or ``ray
   start`` -- places them) and join the routing when they run.
@@ -39,10 +40,12 @@ class ActorPool:
         self.keys = [key for key, _ in specs]
         self.options = [dict(o, **cluster.restart_options(cfg)) for _, o in specs]
         elastic = cfg.cluster.client_actors is not None
+        if not self.actors and not elastic:  # cluster.num_client_actors: 0: one slot, the aggregator trains
+            self.actors, self.keys, self.options = [None], [None], [{}]
         self.minimum = cfg.cluster.client_actors.min if elastic else len(self.actors)
         self.gen = [0] * len(self.actors)
-        self.ready = [False] * len(self.actors)
-        self._probes = {i: a.pid.remote() for i, a in enumerate(self.actors)}
+        self.ready = [a is None for a in self.actors]
+        self._probes = {i: a.pid.remote() for i, a in enumerate(self.actors) if a is not None}
         self.replaced = 0
 
     # ------------------------------------------------------------ readiness
@@ -89,7 +92,7 @@ class ActorPool:
         """``{pool: [actors]}`` of the ready slots (a replacement that waits for room is not)."""
         out: dict = {}
         for key, a, ready in zip(self.keys, self.actors, self.ready):
-            if ready:
+            if ready and a is not None:
                 out.setdefault(key, []).append(a)
         return out
 

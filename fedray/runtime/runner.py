@@ -69,6 +69,7 @@ class Runner:
         self.method = registry.get(cfg.method.name)
         if cfg.devices.mode == "real" and self.method.schedule != "sync":
             raise ConfigError("devices.mode", f"'real' throttling runs synchronous methods; {cfg.method.name} is {self.method.schedule}")
+        cluster.trains_in_aggregator(cfg, cfg.method.name, self.method.schedule)  # a mistake shows before Ray starts
         self.made = runs.make_writable(self.run_dir)  # before anything else happens
         resumed = None
         if self.resume:
@@ -376,7 +377,8 @@ class Runner:
 
     def shutdown(self) -> None:
         for a in self.pool.actors if getattr(self, "pool", None) is not None else []:
-            ray.kill(a)
+            if a is not None:
+                ray.kill(a)
         if getattr(self, "aggregator", None) is not None:
             ray.kill(self.aggregator)
         if getattr(self, "placement_group", None) is not None:

@@ -93,7 +93,8 @@ ADAPTIVE = {**HETERO, "method.name": "adaptive_masked_buff", "method.buffer_size
             "method.rho_min": 0.1}
 
 
-@pytest.mark.parametrize("over,counts", [({}, (1, 2, 4)), (HETERO, (1, 2, 4)), (VECTORISED, (1, 2, 3)),
+# 0: no client actors, the aggregator trains the clients itself (synchronous methods)
+@pytest.mark.parametrize("over,counts", [({}, (1, 0, 2, 4)), (HETERO, (1, 2, 4, 0)), (VECTORISED, (1, 2, 0)),
                                          (ADAPTIVE, (1, 2))],
                          ids=["homogeneous", "heterogeneous", "vectorised", "adaptive_masked_buff"])
 def test_deterministic_whatever_the_actor_count_and_window(ray_session, tmp_path, over, counts, monkeypatch):
@@ -101,7 +102,7 @@ def test_deterministic_whatever_the_actor_count_and_window(ray_session, tmp_path
     # windows grow to the cap after a first call of 2 rounds (6 rounds: 1x6, 2+4, 2+3+1)
     monkeypatch.setattr(schedulers, "CALL_S", 1e9)
     out = []
-    for actors, window in zip(counts, (1, 8, 3)):
+    for actors, window in zip(counts, (1, 8, 3, 2)):
         cfg = small(tmp_path / str(actors), **{"cluster.num_client_actors": actors,
                                                "cluster.rounds_per_call": window, **over})
         out.append(run(cfg))

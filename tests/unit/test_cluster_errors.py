@@ -114,3 +114,31 @@ def test_embedded_ray_never_attaches_to_a_ray_start_head_on_the_machine(monkeypa
     monkeypatch.setattr(cluster.ray, "init", lambda **kw: calls.append(kw))
     assert cluster.connect(C.from_dict({}).cluster) is True
     assert calls and calls[0]["address"] == "local"
+
+
+@pytest.mark.parametrize("over,field", [({"method": {"name": "fedbuff"}}, "cluster.num_client_actors"),
+                                        ({"devices": {"actor_per_tier": True}}, "devices.actor_per_tier"),
+                                        ({"devices": {"placement": "spread"}}, "devices.placement")])
+def test_no_client_actors_is_for_what_the_aggregator_can_train_itself(over, field):
+    from fedray.config import from_dict
+    from fedray.methods import registry
+    from fedray.runtime.cluster import trains_in_aggregator
+
+    cfg = from_dict({"cluster": {"num_client_actors": 0}, **over})
+    with pytest.raises(ConfigError) as e:
+        trains_in_aggregator(cfg, cfg.method.name, registry.get(cfg.method.name).schedule)
+    assert e.value.field == field
+    ok = from_dict({"cluster": {"num_client_actors": 0}})
+    assert trains_in_aggregator(ok, "fedavg", "sync") and not trains_in_aggregator(from_dict({}), "fedavg", "sync")
+
+
+def test_an_asynchronous_method_without_client_actors_is_one_line_before_ray_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "fedray.cli", "run", str(ROOT / "configs" / "quickstart.yaml"),
+                        "--set", "cluster.num_client_actors=0", "--set", "method.name=fedasync", "--out", str(tmp_path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == ("config error: cluster.num_client_actors: 0 (the aggregator trains the clients) runs "
+                                "synchronous methods; fedasync is async"), r.stderr
+    assert "Ray" not in r.stdout + r.stderr
