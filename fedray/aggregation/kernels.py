@@ -68,7 +68,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
+import sys
 from typing import NamedTuple, Sequence
 
 import numba
@@ -79,12 +79,6 @@ from numba.extending import intrinsic
 from llvmlite import ir
 
 from fedray.submodel.encode import decode_entry
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's OpenMP layer sets OpenMP's thread count (the libgomp torch uses) when a parallel
-    # kernel runs, so torch's cluster.torch_threads no longer held in this process after the first
-    # large merge; numba's own pool leaves torch alone.
-    numba.config.THREADING_LAYER = "workqueue"
 
 __all__ = ["MEAN", "DELTA", "MIX", "TILE", "DTYPES", "Piece", "merge", "merge_many", "merge_reference",
            "all_finite", "popcount", "strictly_increasing"]
@@ -417,6 +411,25 @@ def _run_parallel(work, tens, pcs, weights, like, mode, scale, tile, fin):
         fin[wi] = _item(wi, work, tens, pcs, weights, like, mode, scale, tile)
 
 
+_STARTED = False  # numba's thread pool (started by the first numba.get_num_threads of the process)
+
+
+def _threads() -> int:
+    """``numba.get_num_threads()``. Its first call starts numba's thread pool; with the OpenMP
+    layer that sets OpenMP's thread count, which is torch's too (one libgomp), so torch's count
+    (``cluster.torch_threads``) is put back: the pool keeps its own threads."""
+    global _STARTED
+    if _STARTED:
+        return numba.get_num_threads()
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    n = numba.get_num_threads()
+    _STARTED = True
+    if torch is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    return n
+
+
 # ---------------------------------------------------------------------- packing
 def _ro(a: np.ndarray, dtype=None) -> np.ndarray:
     """Flat, C-contiguous view (a copy only when ``a`` is not contiguous or
@@ -571,7 +584,7 @@ def merge_many(olds: Sequence[np.ndarray], pieces: Sequence[Sequence], weights: 
         spans.append((-(-old.size // tile)))
     if not tens:
         return outs
-    threads = numba.get_num_threads()
+    threads = _threads()
     total = sum(spans)
     if parallel is None:
         parallel = threads > 1 and total > 1 and sum(o.size for o in olds) >= PARALLEL_MIN
@@ -648,7 +661,7 @@ def all_finite(a: np.ndarray) -> bool:
     if a.dtype not in DTYPES:
         return bool(np.isfinite(a).all())
     flat = _ro(a)
-    if flat.size >= PARALLEL_MIN and numba.get_num_threads() > 1:
+    if flat.size >= PARALLEL_MIN and _threads() > 1:
         return bool(_finite_sum_parallel(flat, TILE * 16) == 0.0)
     return bool(_finite_sum(flat) == 0.0)
 
