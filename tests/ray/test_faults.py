@@ -41,17 +41,18 @@ def same_run(a: dict, b: dict) -> None:
     assert table(a["run_dir"]).equals(table(b["run_dir"]))
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name,actors", [(n, 2) for n in METHODS] + [("fedavg", 0)])
 def test_a_lost_aggregator_is_restored_and_the_run_is_unchanged(ray_session, tmp_path, tmp_path_factory, monkeypatch,
-                                                                name):
+                                                                name, actors):
     """The aggregator used to be a single point of failure: its loss ended the run with a Ray
     traceback and lost the rows, the summary and the model. Killed after aggregation 5 (the last
-    checkpoint was at 3), it is restored and aggregations 4-5 are done again."""
+    checkpoint was at 3), it is restored and aggregations 4-5 are done again. With 0 client actors
+    the aggregator is also the trainer: the restored one trains again, with the same result."""
     method = {"name": name, **METHODS[name]}
     ref = reference(tmp_path_factory, method)
     with monkeypatch.context() as m:
         stop_after(m, 5, kill_aggregator, once=True)
-        hit = Runner(small(tmp_path, method, "hit")).run()
+        hit = Runner(small(tmp_path, method, "hit", **{"cluster.num_client_actors": actors})).run()
     assert hit["aggregator_recoveries"] == 1
     same_run(hit, ref)
 
