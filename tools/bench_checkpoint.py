@@ -17,28 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def write_cifar10(root: Path, per_batch: int, seed: int = 0) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(base / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                         b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
-                         b"filenames": [b"x.png"] * per_batch}, f)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072}, f)
+sys.path.insert(0, HERE)
+from datafiles import write_cifar10  # noqa: E402
 
 
 def main(argv=None) -> int:

