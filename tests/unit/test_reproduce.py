@@ -45,6 +45,9 @@ def test_list_prints_the_commands_and_unknown_names_are_one_line(tmp_path):
     lines = res.stdout.splitlines()
     assert len(lines) == 3 and all(line.startswith("fedray compare configs/experiments/prfl_paper.yaml") for line in lines)
     assert "experiment=prfl_paper_iid_mnist5k" in res.stdout and "model.name=leaf_cnn" in res.stdout
+    one = subprocess.run(tool + ["--list", "--only", "prfl_paper_iid", "--setting", "mnist_5k"], capture_output=True,
+                         text=True, env=env)  # one split of a claim
+    assert one.returncode == 0 and one.stdout.count("\n") == 1 and "experiment=prfl_paper_iid_mnist5k" in one.stdout
     bad = subprocess.run(tool + ["--only", "prfl"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
