@@ -11,6 +11,7 @@ compares fedray with the tiered device population (virtual-clock bookkeeping on)
 against a homogeneous one (device issue).
 
     python tools/bench_overhead.py                 # fedray / plain loop
+    python tools/bench_overhead.py --actors 0      # the same, the aggregator training the clients
     python tools/bench_overhead.py --heterogeneity # tiered / homogeneous
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=150)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--actors", type=int, default=2, help="client actors (0: the aggregator trains, no Ray call per round)")
     ap.add_argument("--heterogeneity", action="store_true")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians)")
     a = ap.parse_args()
