@@ -199,7 +199,7 @@ class AggregatorActor:
         params, broadcast = _frozen(self.core.params if ref is None else ray.get(ref)), _frozen(broadcast)
         out = []
         for _, tasks in dispatch:
-            tasks = [dataclasses.replace(t, state=_frozen(t.state)) for t in tasks]
+            tasks = [t if t.state is None else dataclasses.replace(t, state=_frozen(t.state)) for t in tasks]
             updates = self.here.run(params, tasks, broadcast)
             out.append(_Here([[u.header() for u in updates], *[u.payload for u in updates]]))
         return out
