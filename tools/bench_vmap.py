@@ -10,6 +10,8 @@ any coordinate, and of the training loss).
 
     python tools/bench_vmap.py                          # mlp and cnn, 10 / 50 / 100 clients
     python tools/bench_vmap.py --models cnn --clients 100 --reps 9
+    python tools/bench_vmap.py --models leaf_cnn --data mnist_5k --clients 10 --threads 2 \
+        --train batch_size=32 local_epochs=2 --force   # the mnist_5k reproductions' client work
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = {"mlp": {"hidden": [128]}, "cnn": {"channels": [32, 64], "hidden": [128]},
-          "vgg11": {"batch_norm": True, "width": 0.25}}
+          "vgg11": {"batch_norm": True, "width": 0.25}, "leaf_cnn": {}}
 
 
 def workers(model: str, group: int, *, device: str = "cpu", data=None, num_clients: int = 100, cache=None,
-            train: dict | None = None):
+            train: dict | None = None, data_name: str = "digits", threads: int = 1,
+            options: dict | None = None):
     """``(one-by-one worker, vectorised worker, setup-like (params, partitions))`` for ``model`` on
     workload W's data (or ``data = (x, y, partitions, input_shape, num_classes)``)."""
     from fedray.client.worker import ClientWorker
@@ -36,8 +39,10 @@ def workers(model: str, group: int, *, device: str = "cpu", data=None, num_clien
     from plain_fedavg import workload_w
 
     def cfg(v):
-        over = {"model.name": model, "model.options": MODELS.get(model, {}), "train.vectorise": v,
-                "runtime.device": device, "data.num_clients": num_clients,
+        over = {"model.name": model, "model.options": options if options is not None else MODELS.get(model, {}),
+                "train.vectorise": v,
+                "runtime.device": device, "data.num_clients": num_clients, "data.name": data_name,
+                "cluster.torch_threads": threads,
                 "data.cache_dir": cache or os.path.join(tempfile.gettempdir(), "fedray_bench_cache")}
         over.update({f"train.{k}": v2 for k, v2 in (train or {}).items()})
         if data is not None:
@@ -114,18 +119,36 @@ def measure(one, vec, params, tasks, reps: int) -> dict:
 
 
 def main() -> None:
+    import yaml
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=list(MODELS))
     ap.add_argument("--clients", nargs="+", type=int, default=[10, 50, 100])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data", default="digits", choices=["digits", "mnist_5k"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (cluster.torch_threads)")
+    ap.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="train.* overrides, e.g. batch_size=32 local_epochs=2")
+    ap.add_argument("--options", type=yaml.safe_load, default=None, metavar="YAML",
+                    help="model options instead of the table's, e.g. '{width: 0.25}'")
+    ap.add_argument("--force", action="store_true",
+                    help="vectorise past fedray.client.vectorised.CPU_MAX_FLOPS too (what the limit avoids)")
     a = ap.parse_args()
     import torch
 
+    if a.force:
+        import fedray.client.worker
+
+        fedray.client.worker.CPU_MAX_FLOPS = float("inf")
+
+    train = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.train)}
     for model in a.models:
-        one, vec, params = workers(model, max(a.clients), device=a.device)
+        one, vec, params = workers(model, max(a.clients), device=a.device, train=train, data_name=a.data,
+                                   threads=a.threads, options=a.options)
         if model == a.models[0]:
-            print(f"torch {torch.__version__}, {a.device}, {torch.get_num_threads()} torch thread per worker; "
+            print(f"torch {torch.__version__}, {a.device}, {torch.get_num_threads()} torch thread(s) per worker, "
+                  f"{a.data}, train {train or 'as workload W'}; "
                   f"one call of K tasks, median of {a.reps} interleaved repetitions")
             print(f"{'model':6} {'clients':>7} {'one-by-one':>11} {'vectorised':>11} {'speedup':>8} {'max |dw|':>9} "
                   f"{'max |dloss|':>11}")

@@ -38,9 +38,17 @@ from torch.func import functional_call, vmap
 from fedray.client.trainer import Optimizer, TrainStats, _named, _state, batches, to_device
 from fedray.tasks import Classification, Regression
 
-__all__ = ["Job", "group_size", "train_group", "per_example_loss", "vmap_loss", "load_tensors"]
+__all__ = ["CPU_MAX_FLOPS", "Job", "group_size", "train_group", "per_example_loss", "vmap_loss", "load_tensors"]
 
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+# On the CPU, a module whose training costs more FLOPs per example than this trains one by one:
+# past it vmap's batched kernels run slower than one client at a time (docs/benchmarks.md,
+# "Vectorised local training": 1.5-2.9x faster for the digits MLP and CNN at 0.04-2 MFLOP, 1.0x for
+# a quarter-width LEAF CNN at 6.8 MFLOP, 0.8x for the small CNN on 28x28 at 25 MFLOP, 0.36x for the
+# LEAF CNN at 101 MFLOP)
+CPU_MAX_FLOPS = 6_000_000
 
 
 def group_size(cfg) -> int:
@@ -118,16 +126,30 @@ def _stack(jobs, names, current, device) -> dict[str, torch.Tensor]:
     return out
 
 
-def _masks(jobs, names, start, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per trainable tensor some client masks: (stacked mask, stacked kept values outside it)."""
+def linear_weights(model: nn.Module, names) -> set[str]:
+    """The names among ``names`` of ``nn.Linear`` weights. :func:`train_group` keeps their stacked
+    values as (clients, in, out): ``vmap``'s linear then computes each gradient in that layout,
+    where the (clients, out, in) layout of the module costs a transposing copy of every stacked
+    gradient in every step (4x the step of a 3136 x 2048 layer on the CPU)."""
+    return {k for k in names if k.endswith(".weight")
+            and isinstance(model.get_submodule(k[:-len(".weight")]), nn.Linear)}
+
+
+def _masks(jobs, names, start, device, flip=()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per trainable tensor some client masks: (stacked mask, stacked kept values outside it), in
+    the stacked layout (``flip``: the names held transposed)."""
     keep = {}
     for k in names:
         partial = [j.mask is not None and k in j.mask and not np.all(j.mask[k]) for j in jobs]
         if not any(partial):
             continue
         shape = tuple(start[k].shape[1:])
+        if k in flip:
+            shape = shape[::-1]
         m = torch.from_numpy(np.stack([np.asarray(j.mask[k], dtype=bool) if p else np.ones(shape, dtype=bool)
                                        for j, p in zip(jobs, partial)])).to(device)
+        if k in flip:
+            m = m.transpose(1, 2).contiguous()
         keep[k] = (m, start[k].detach().clone() * (~m))
     return keep
 
@@ -185,9 +207,12 @@ def train_group(model: nn.Module, jobs: list[Job], x: np.ndarray, cfg, *, traina
     train_names = [k for k in named if trainable is None or k in trainable]
     P = _stack(jobs, list(named), state, device)
     B = _stack(jobs, buffer_names, state, device)
+    flip = linear_weights(model, train_names)
+    for k in flip:
+        P[k] = P[k].transpose(1, 2).clone(memory_format=torch.contiguous_format)
     for k in train_names:
         P[k].requires_grad_(True)
-    keep = _masks(jobs, train_names, P, device)
+    keep = _masks(jobs, train_names, P, device, flip)
     opt = Optimizer([P[k] for k in train_names], cfg)
     plans = [list(batches(np.asarray(j.indices), cfg.batch_size, cfg.local_epochs, cfg.local_steps,
                           np.random.default_rng(j.seed))) if len(j.indices) else [] for j in jobs]
@@ -197,11 +222,20 @@ def train_group(model: nn.Module, jobs: list[Job], x: np.ndarray, cfg, *, traina
     same_y = all(j.y is jobs[0].y for j in jobs)
     pad = per_example is not None and not buffer_names
 
+    def module(p):  # one client's values in the module's layout (views)
+        return {k: v.mT if k in flip else v for k, v in p.items()}
+
     def loss_of(p, b, xb, yb):
-        return loss_fn(functional_call(model, (p, b), (xb,)), yb)
+        return loss_fn(functional_call(model, (module(p), b), (xb,)), yb)
 
     def weighted_loss_of(p, b, xb, yb, wb):
-        return (per_example(functional_call(model, (p, b), (xb,)), yb) * wb).sum()
+        return (per_example(functional_call(model, (module(p), b), (xb,)), yb) * wb).sum()
+
+    def read(c, values, copy=True):  # client c's values in the module's layout, contiguous
+        def one(k, v):
+            v = v[c].mT if k in flip else v[c]
+            return v.clone(memory_format=torch.contiguous_format) if copy else v.contiguous()
+        return {k: one(k, v) for d in values for k, v in d.items()}
 
     batched, weighted = vmap(loss_of), vmap(weighted_loss_of)
 
@@ -216,7 +250,7 @@ def train_group(model: nn.Module, jobs: list[Job], x: np.ndarray, cfg, *, traina
     last = int(steps.max(initial=0))
     for c in np.flatnonzero(steps == 0):  # nothing to train: the start
         with torch.no_grad():
-            out[c] = {k: v[c].clone() for d in (P, B) for k, v in d.items()}
+            out[c] = read(c, (P, B))
     for s in range(last):
         active = np.flatnonzero(steps > s)
         lens = np.zeros(n_jobs, dtype=np.int64)
@@ -267,14 +301,14 @@ def train_group(model: nn.Module, jobs: list[Job], x: np.ndarray, cfg, *, traina
         if s + 1 < last:
             for c in np.flatnonzero(steps == s + 1):  # clients that took their last step: read out now
                 with torch.no_grad():
-                    out[c] = {k: v[c].clone() for d in (P, B) for k, v in d.items()}
+                    out[c] = read(c, (P, B))
     opt.state.clear()
     with torch.no_grad():
         final = {k: v.detach().cpu() for d in (P, B) for k, v in d.items()}
     tot = total.cpu().numpy()
     result = []
     for c, j in enumerate(jobs):
-        values = {k: v.cpu() for k, v in out[c].items()} if out[c] is not None else {k: v[c] for k, v in final.items()}
+        values = {k: v.cpu() for k, v in out[c].items()} if out[c] is not None else read(c, (final,), copy=False)
         seen = sum(len(b) for b in plans[c])
         result.append((values, TrainStats(loss=float(tot[c]) / max(seen, 1), steps=int(steps[c]),
                                           examples=len(j.indices))))

@@ -16,8 +16,10 @@ would be alone.
 """
 from __future__ import annotations
 
+import copy
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -27,12 +29,13 @@ from fedray import security, seeding
 from fedray.aggregation import attacks
 from fedray.channel import Channel
 from fedray.client.trainer import _named, _state, get_params, local_train, resolve_device
-from fedray.client.vectorised import Job, group_size, load_tensors, per_example_loss, train_group, vmap_loss
+from fedray.client.vectorised import (CPU_MAX_FLOPS, Job, group_size, load_tensors, per_example_loss, train_group,
+                                      vmap_loss)
 from fedray.devices.throttle import Throttle
 from fedray.methods import registry
 from fedray.methods.base import Assignment, ClientContext, LocalRun
 from fedray.models.factory import build_compact, build_model
-from fedray.models.info import ModelInfo
+from fedray.models.info import ModelInfo, counted_train_flops
 from fedray.models.spec import extract, scatter
 from fedray.privacy.mechanism import LocalGaussian
 from fedray.tasks import get_task
@@ -86,6 +89,7 @@ class ClientWorker:
         self._per_example = per_example_loss(self.task)  # losses per example (None: not a known mean)
         self._vmap_loss = vmap_loss(self.task)  # the loss vectorised training minimises
         self._stochastic: set = set()  # models vmap cannot train (dropout)
+        self._flops = weakref.WeakKeyDictionary()  # training FLOPs per example of each module
         self.together = 0  # tasks trained in groups so far
 
     def _train_cfg(self, a: Assignment):
@@ -223,6 +227,8 @@ class ClientWorker:
         """What tasks must share to train together (None: this one trains alone)."""
         if p.task.speed is not None or p.run.handles or self._hooked or p.model in self._stochastic:
             return None
+        if self.device.type == "cpu" and self._train_flops(p.model) > CPU_MAX_FLOPS:
+            return None
         names = tuple(k for k in p.run.named if p.trainable is None or k in p.trainable)
         return id(p.model), names, p.cfg
 
@@ -248,6 +254,12 @@ class ClientWorker:
             for pos, u in zip((m[0] for m in members), self._train_together([m[1] for m in members])):
                 out[pos] = u
         return out
+
+    def _train_flops(self, model: torch.nn.Module) -> int:
+        """Training FLOPs per example of ``model`` (counted on a copy, so its state is untouched)."""
+        if model not in self._flops:
+            self._flops[model] = counted_train_flops(copy.deepcopy(model), self.x[:2])
+        return self._flops[model]
 
     def _train_together(self, ps: list["_Local"]) -> list[Update]:
         t0 = time.perf_counter()

@@ -107,21 +107,7 @@ class ModelInfo:
         return self._flops[trained]
 
     def _counted_flops(self) -> int:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        model = self._model
-        was = model.training
-        x = torch.from_numpy(np.ascontiguousarray(self._example))
-        try:
-            model.train()
-            with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
-                out = model(x)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                out.float().sum().backward()
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was)
-        return int(counter.get_total_flops() // max(len(x), 1))
+        return counted_train_flops(self._model, self._example)
 
     def sparse_factor(self, mask, sizes: Mapping[str, int] | None = None) -> float:
         """FLOPs a sparse kernel would execute relative to the dense ones: every layer's forward
@@ -171,3 +157,23 @@ class ModelInfo:
             spec = self.spec_for("a physically smaller submodel")
             self._compact[key] = keep_mask(spec, self.like, {layer: np.arange(n, dtype=np.int64) for layer, n in sizes.items()})
         return self._compact[key]
+
+
+def counted_train_flops(model: nn.Module, example: np.ndarray) -> int:
+    """Training FLOPs per example of ``model`` (forward and backward of one batch ``example``, as
+    torch's ``FlopCounterMode`` counts them: matrix products and convolutions). Its parameters'
+    gradients are cleared after; its buffers (batch-norm statistics) see the batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    x = torch.from_numpy(np.ascontiguousarray(example))
+    try:
+        model.train()
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+            out = model(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.float().sum().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    return int(counter.get_total_flops() // max(len(x), 1))
