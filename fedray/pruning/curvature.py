@@ -58,8 +58,10 @@ def fisher_and_grad(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     Parameters the loss does not reach get zeros.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    g = {n: np.zeros(tuple(p.shape), dtype=np.float64) for n, p in named}
-    h = {n: np.zeros(tuple(p.shape), dtype=np.float64) for n, p in named}
+    # float64 sums where the gradients are, one IEEE operation at a time as numpy's would be (the same
+    # bits); each starts as the first batch's term (0 + t is t)
+    g: dict[str, torch.Tensor] = {}
+    h: dict[str, torch.Tensor] = {}
     flags = {n: m.training for n, m in model.named_modules()}
     count = 0
     try:
@@ -67,19 +69,25 @@ def fisher_and_grad(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         for x, y in batches:
             loss = loss_fn(model(x), y)
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-            for (n, _), gr in zip(named, grads):
-                if gr is None:
-                    continue
-                a = gr.detach().cpu().numpy().astype(np.float64)
-                g[n] += a
-                h[n] += a * a
+            with torch.no_grad():
+                for (n, _), gr in zip(named, grads):
+                    if gr is None:
+                        continue
+                    a = gr.detach().to(torch.float64)
+                    if n in g:
+                        g[n].add_(a)
+                        h[n].addcmul_(a, a)
+                    else:
+                        g[n], h[n] = a, a * a
             count += 1
     finally:
         for n, m in model.named_modules():
             m.training = flags[n]
     if count == 0:
         raise ValueError("fisher_and_grad needs at least one mini-batch")
-    return {n: v / count for n, v in g.items()}, {n: v / count for n, v in h.items()}
+    zeros = {n: np.zeros(tuple(p.shape), dtype=np.float64) for n, p in named if n not in g}  # not reached
+    return ({n: g[n].div_(count).cpu().numpy() if n in g else zeros[n] for n, _ in named},
+            {n: h[n].div_(count).cpu().numpy() if n in h else zeros[n].copy() for n, _ in named})
 
 
 def group_terms(spec: ModelSpec, params: Mapping[str, Any], grad: Mapping[str, np.ndarray],
@@ -104,8 +112,13 @@ def group_terms(spec: ModelSpec, params: Mapping[str, Any], grad: Mapping[str, n
             hj = np.asarray(fisher[key], dtype=np.float64)
             if not (w.shape == gj.shape == hj.shape):
                 raise ValueError(f"shapes of {key!r} differ: params {w.shape}, grad {gj.shape}, fisher {hj.shape}")
-            for row, term in enumerate((-gj * w, 0.5 * hj * w * w)):
-                total[row] += np.moveaxis(term, axis, 0).reshape(grp.size, -1).sum(axis=1)
+            t = np.multiply(gj, w)
+            np.negative(t, out=t)  # -(g w) = (-g) w exactly
+            total[0] += np.moveaxis(t, axis, 0).reshape(grp.size, -1).sum(axis=1)
+            np.multiply(hj, 0.5, out=t)  # ((0.5 h) w) w, in place
+            t *= w
+            t *= w
+            total[1] += np.moveaxis(t, axis, 0).reshape(grp.size, -1).sum(axis=1)
         out[grp.layer] = total
     return out
 

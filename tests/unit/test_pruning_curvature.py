@@ -29,6 +29,36 @@ def test_fisher_and_grad_by_hand():
         fisher_and_grad(model, [], nn.functional.mse_loss)
 
 
+def test_fisher_and_grad_are_numpys_float64_sums_bit_for_bit():
+    """The sums run in torch (where the gradients are) but give the bits of numpy float64 sums of
+    the batches' gradients; a parameter one batch does not reach gets that batch as zero."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x):  # b only for batches of 4
+            return self.a(x) + (self.b(x) if len(x) == 4 else 0)
+
+    torch.manual_seed(1)
+    model = Two()
+    batches = [(torch.randn(n, 5), torch.randint(0, 3, (n,))) for n in (3, 4, 3, 4, 4)]
+    g, h = fisher_and_grad(model, batches, nn.functional.cross_entropy)
+    want_g = {k: np.zeros(tuple(p.shape)) for k, p in model.named_parameters()}
+    want_h = {k: np.zeros(tuple(p.shape)) for k, p in model.named_parameters()}
+    for x, y in batches:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for k, p in model.named_parameters():
+            if p.grad is not None:
+                a = p.grad.numpy().astype(np.float64)
+                want_g[k] += a
+                want_h[k] += a * a
+    for k in want_g:
+        assert g[k].dtype == np.float64 and np.array_equal(g[k], want_g[k] / 5), k
+        assert np.array_equal(h[k], want_h[k] / 5), k
+
+
 def test_group_scores_by_hand_on_linear():
     _, spec = tiny_mlp()
     params = {"layers.0.weight": np.array([[1.0, 2.0, 0.0], [-1.0, 0.0, 3.0]]), "layers.0.bias": np.array([1.0, -2.0]),
