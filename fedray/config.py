@@ -63,8 +63,8 @@ class TrainConfig:
     lr: float = _f(0.05, check=POS)
     momentum: float = _f(0.0, check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     weight_decay: float = _f(0.0, check=NONNEG)
-    vectorise: int = _f(16, check=POS, doc="dispatches d // vectorise of a sync round train together on one actor "
-                        "(torch.func, where they can; 1: one by one; equal within float rounding)")
+    vectorise: int = _f(16, check=POS, doc="dispatches d // vectorise of a sync round train together (torch.func, "
+                        "where they can; CPU: models <= 6 MFLOP/example; 1: one by one; equal within float rounding)")
 
 
 @dataclass(frozen=True)
