@@ -166,7 +166,7 @@ def counted_train_flops(model: nn.Module, example: np.ndarray) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     was = model.training
-    x = torch.from_numpy(np.ascontiguousarray(example))
+    x = torch.from_numpy(np.array(example))  # a copy: ``example`` may be a read-only view (the object store)
     try:
         model.train()
         with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
