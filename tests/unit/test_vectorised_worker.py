@@ -106,3 +106,19 @@ def test_on_the_cpu_a_model_past_the_flop_limit_trains_one_by_one(tmp_path):
         done[label] = (w._train_flops(w.model), w.together)
     assert done["small"][0] <= CPU_MAX_FLOPS < done["big"][0], done
     assert done["small"][1] == 4 and done["big"][1] == 0, done
+
+
+def test_counting_flops_on_a_read_only_array_warns_nothing():
+    """A client actor's arrays are read-only views of Ray's object store: torch warned once in
+    every actor when the FLOP count wrapped one without a copy."""
+    import warnings
+
+    from fedray.models import build_model
+    from fedray.models.info import counted_train_flops
+
+    x = np.zeros((2, 64), np.float32)
+    x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flops = counted_train_flops(build_model("mlp", (64,), 10, options={"hidden": [8]}), x)
+    assert flops == 3 * 2 * (64 * 8 + 8 * 10) - 2 * 64 * 8  # forward 2 MACs each; backward skips the input grad
