@@ -20,7 +20,11 @@ A composition of existing pieces (nothing here is new math):
   channels of every prunable layer, trains that compact model and sends it with its mask and
   the kept indices (:class:`~fedray.methods.cahfp.CAHFPClient`,
   :func:`~fedray.methods.cahfp.scored_submodel`). A client with ``r_i = 1`` trains the full
-  model (no scoring).
+  model (no scoring). ``score_every: T`` (default 1: every dispatch scores) keeps a client's
+  channel set on the device between scorings, as CA-HFP's ``score_every``: it scores again at its
+  first dispatch ``T`` or more model versions after its last scoring, or when its keep ratio
+  changed (the stored set has the old sizes); in between it trains the stored set, downloads
+  only that compact model and sends no indices.
 * **Buffered asynchronous masked aggregation** (FedBuff's buffer of deltas with MaskFedAvg's
   rule): ``concurrency`` clients in flight, each sending ``delta_i = theta_i - theta_{v_i}`` on
   its mask (``send="delta"``, as FedBuff: a stale client's update is applied to the current
@@ -38,14 +42,15 @@ A composition of existing pieces (nothing here is new math):
   does not end on a later plateau (the run ends at ``server.rounds`` / ``server.max_virtual_s``).
 
 Costs come from the submodel (one cost model): the compact model's training FLOPs and bytes,
-the scoring pass as extra FLOPs, the full model downloaded (the client scores on it).
-Every dispatch records ``keep_ratio``. The planner's state (:class:`AdaptivePlan`: FIFOs, floor,
+the scoring pass as extra FLOPs, the full model downloaded when the client scores (it scores on
+it), else only the compact model.
+Every dispatch records ``keep_ratio`` and ``scored``. The planner's state (:class:`AdaptivePlan`: FIFOs, floor,
 plateau monitor, recoveries) is checkpointed; the server keeps none.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,6 +60,7 @@ from fedray.errors import ConfigError
 from fedray.methods.async_common import AsyncParams, AsyncPlanner, AsyncServer
 from fedray.methods.base import Assignment, Method
 from fedray.methods.cahfp import CAHFPClient, scored_submodel
+from fedray.submodel.submodel import Submodel
 from fedray.methods.heterofl import speed_ratios
 from fedray.methods.registry import register
 from fedray.params import NONNEG, POS, UNIT, UNIT_POS, _f
@@ -75,19 +81,21 @@ def quantize_up(ratio: float, step: float) -> float:
 @dataclass
 class AdaptivePlan:
     """The planner's state: every client's FIFO of observed times, the floor ``rho_min``,
-    the plateau monitor and the number of recovery steps taken."""
+    the plateau monitor, the number of recovery steps taken and, per client, the model version
+    and keep ratio of its last scoring (``score_every > 1``)."""
 
     fifo: RoundTimeFifo
     rho_min: float
     plateau: Plateau
     recoveries: int = 0
+    scored: dict = field(default_factory=dict)
 
 
 class AdaptivePlanner(AsyncPlanner):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.start_ratio = speed_ratios(ctx.profiles.column("speed"), self.params.ratios)
-        self._subs: dict = {}  # (client, ratio) -> its submodel: one object, costed once by the dispatcher
+        self._subs: dict = {}  # (client, ratio, scores) -> its submodel: one object, costed once by the dispatcher
 
     def init_state(self):
         p = self.params
@@ -121,11 +129,22 @@ class AdaptivePlanner(AsyncPlanner):
         c = int(client_id)
         r = self.ratio(c)
         if r >= 1.0:
-            return Assignment(client_id=c, send="delta", info=(("keep_ratio", 1.0),))
-        sub = self._subs.get((c, r))
+            return Assignment(client_id=c, send="delta", info=(("keep_ratio", 1.0), ("scored", False)))
+        every, client = self.params.score_every, (("keep_ratio", r),)
+        score = True
+        if every > 1:
+            last = self.state.scored.get(c)
+            score = last is None or last[1] != r or version - last[0] >= every
+            if score:
+                self.state.scored[c] = (int(version), r)
+            client += (("score", score), ("keep_set", True))
+        sub = self._subs.get((c, r, score))
         if sub is None:
-            sub = self._subs[(c, r)] = scored_submodel(self.ctx, c, r, self.params.score_batches)
-        return Assignment(client_id=c, submodel=sub, send="delta", client=(("keep_ratio", r),), info=(("keep_ratio", r),))
+            sub = scored_submodel(self.ctx, c, r, self.params.score_batches)
+            if not score:  # trains its stored set: no scoring pass, no indices, only its compact model down
+                sub = Submodel(widths=sub.widths, download=self.ctx.model.slice_mask(sub.widths))
+            self._subs[(c, r, score)] = sub
+        return Assignment(client_id=c, submodel=sub, send="delta", client=client, info=(("keep_ratio", r), ("scored", score)))
 
 
 class AdaptiveServer(AsyncServer):
@@ -151,6 +170,7 @@ class AdaptiveMaskedBuff(Method):
     Planner = AdaptivePlanner
     Server = AdaptiveServer
     Client = CAHFPClient
+    client_state = True  # the channel set between scorings (score_every > 1)
 
     @classmethod
     def updates_per_aggregation(cls, cfg) -> int:
@@ -172,6 +192,8 @@ class AdaptiveMaskedBuff(Method):
                               doc="times that size the widths: whole rounds or communication (PR-FL's)")
         ratio_step: float = _f(0.1, check=UNIT, doc="keep ratios rounded up to a multiple of this (0: exact)")
         score_batches: int = _f(4, check=POS, doc="local mini-batches used for the curvature scores")
+        score_every: int = _f(1, check=POS, doc="T: a client rescores its channels once T versions passed since its "
+                                                "last scoring (or its keep ratio changed) and keeps its set in between")
 
         def __post_init__(self):
             super().__post_init__()

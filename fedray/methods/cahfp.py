@@ -50,8 +50,9 @@ and bytes -- are the same whichever channels the client keeps); the scoring pass
 costs a forward and backward pass of the full model on every scored example
 (``extra_flops``, on scoring dispatches); the upload is the slice encoding of such a
 mask plus, when it scored, the kept indices (and the curvature terms with server
-scoring); the client downloads the full model (it scores its channels on it) and,
-with server scoring, when it scores, the server's scores.
+scoring); a scoring dispatch downloads the full model (the client scores its channels on it)
+and, with server scoring, the server's scores; a dispatch that reuses the stored set downloads
+only that compact model (its channels are the client's; the bytes depend only on the sizes).
 
 Server: per-coordinate masked mean weighted by example count
 (:func:`fedray.aggregation.rules.masked_mean`). Every dispatch records
@@ -167,7 +168,8 @@ class CAHFPPlanner(Planner):
                     extras += tuple(Extra(TERMS + g.layer, shape=(2, g.size)) for g in spec.groups)
                     receives = tuple(Extra(SCORES + g.layer, shape=(g.size,)) for g in spec.groups)
             self._subs[key] = Submodel(widths=widths, extras=extras, receives=receives,
-                                       extra_flops=scoring_flops if score else 0)
+                                       extra_flops=scoring_flops if score else 0,
+                                       download=None if score else self.ctx.model.slice_mask(widths))
         return self._subs[key]
 
     def plan(self, client_id: int, version: int) -> Assignment:

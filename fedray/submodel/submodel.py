@@ -7,7 +7,8 @@ fields describe the work, never a method:
 - ``mask``: coordinates trained and sent (the one mask type of :mod:`fedray.submodel.masks`;
   None: everything, dense);
 - ``download``: what the client receives (None: the whole model); uncovered coordinates
-  arrive as zeros;
+  arrive as zeros; with ``widths``, a mask of the same sizes: the client receives only the
+  channels it keeps (it holds which: a stored channel set), costed by those sizes;
 - ``keep`` / ``widths``: a *physically smaller* model. ``keep = {layer: channels}`` fixes the
   kept channels of each prunable layer (HeteroFL's first ``ceil(beta C)``); ``widths =
   {layer: n}`` fixes only their number and lets the client pick which (CA-HFP's curvature

@@ -27,7 +27,7 @@ METHOD_PARAMS = {
     "autoflip": {"explore_epochs": 1}, "random_prune": {"explore_epochs": 1}, "clamp": {"initial_depth": 2},
     "ma_clamp": {"initial_depth": 2}, "fedpmt": {"depth": 2}, "cahfp": {"score_every": 2, "scoring": "server"},
     "fedavg": {"server_momentum": 0.9},
-    "adaptive_masked_buff": {"buffer_size": 3, "concurrency": 5, "patience": 1},
+    "adaptive_masked_buff": {"buffer_size": 3, "concurrency": 5, "patience": 1, "score_every": 2},
 }
 
 

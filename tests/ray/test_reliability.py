@@ -28,7 +28,7 @@ RESUMED = {
     "fedavg": {}, "fedbuff": {"buffer_size": 3, "concurrency": 5, "server_momentum": 0.5},
     "prfl": {"interval_s": 2.0, "recompute_every": 2, "patience": 1}, "scaffold": {},
     "cahfp": {"score_every": 3, "scoring": "server"},  # planner, server and per-client store state
-    "adaptive_masked_buff": {"buffer_size": 3, "concurrency": 5, "patience": 1, "rho_min": 0.1},
+    "adaptive_masked_buff": {"buffer_size": 3, "concurrency": 5, "patience": 1, "rho_min": 0.1, "score_every": 3},
 }
 
 

@@ -39,6 +39,13 @@ def kept_of(u, spec):
             "layers.1": np.flatnonzero(mask["layers.1.bias"]).tolist()}
 
 
+def kept_slice(info, spec):
+    """The mask of channels 0-3 of layer 0 and 0-2 of layer 1 (any set of those sizes costs the same)."""
+    from fedray.submodel.width import keep_mask
+
+    return keep_mask(spec, info.like, {"layers.0": np.arange(4), "layers.1": np.arange(3)})
+
+
 def test_score_every_keeps_a_clients_channel_set_between_rescoring():
     cfg, info, params, planner, worker = setup({"score_every": 3})
     spec = info.try_spec()
@@ -49,6 +56,13 @@ def test_score_every_keeps_a_clients_channel_set_between_rescoring():
     assert rescore.extra_flops > 0 and reuse.extra_flops == 0 and reuse.extras == ()
     channel = Channel(info.like)
     assert reuse.cost(info, channel).bytes_up < rescore.cost(info, channel).bytes_up  # no kept/ indices
+    # a scoring dispatch downloads the full model (it scores on it); a reusing one only its compact
+    # model: 4 of 8 and 3 of 6 channels, by hand (weights, biases and the next layer's inputs)
+    assert rescore.cost(info, channel).bytes_down == channel.mask_nbytes(None)
+    kept_values = 4 * 64 + 4 + 3 * 4 + 3 + 10 * 3 + 10
+    assert reuse.cost(info, channel).bytes_down == channel.mask_nbytes(info.slice_mask(reuse.widths))
+    assert reuse.cost(info, channel).bytes_down == channel.mask_nbytes(kept_slice(info, spec))
+    assert int(sum(v.sum() for v in kept_slice(info, spec).values())) == kept_values
     # a scoring dispatch stores its pick; the next ones train exactly that set, whatever the model
     u0 = worker.run_task(params, Task(0, 0, plans[0]))
     assert u0.error is None and set(u0.payload.state) == {"kept/layers.0", "kept/layers.1"}

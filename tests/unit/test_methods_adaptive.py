@@ -90,6 +90,39 @@ def test_widths_follow_the_observed_times_with_the_floor():
     assert restored.state == planner.state and restored.ratio(1) == planner.ratio(1)
 
 
+def test_score_every_keeps_a_channel_set_until_t_versions_pass_or_the_ratio_changes():
+    from fedray.channel import Channel
+
+    info, _ = kit.model_info("mlp", {"hidden": list(HIDDEN)})
+    cfg = cfg_for({"rho_min": 0.1, "ratios": [0.5], "score_every": 3})
+    planner = kit.planner_for(cfg, info, examples=np.full(4, 40))
+    plans = [planner.plan(1, v) for v in range(5)]  # not observed: the starting ratio 0.5
+    assert [a.setting("score") for a in plans] == [True, False, False, True, False]
+    assert [dict(a.info)["scored"] for a in plans] == [True, False, False, True, False]
+    assert all(a.setting("keep_set") for a in plans)
+    score, reuse = plans[0].submodel, plans[1].submodel
+    assert reuse is plans[2].submodel and reuse.widths == score.widths == {"layers.0": 4, "layers.1": 3}
+    assert reuse.extras == () and reuse.extra_flops == 0 and score.extra_flops > 0
+    # scoring downloads the full model, reusing only the compact one (the same sizes' slice)
+    channel = Channel(info.like)
+    assert score.cost(info, channel).bytes_down == channel.mask_nbytes(None)
+    assert reuse.cost(info, channel).bytes_down == channel.mask_nbytes(info.slice_mask(reuse.widths))
+    assert reuse.cost(info, channel).bytes_down < score.cost(info, channel).bytes_down
+    # a new keep ratio scores at once (the stored set has the old sizes)
+    planner.observe(header(0, 1.0))
+    planner.observe(header(1, 5.0))
+    a = planner.plan(1, 5)
+    assert a.setting("keep_ratio") == 0.2 and a.setting("score") is True and planner.state.scored[1] == (5, 0.2)
+    assert planner.plan(1, 6).setting("score") is False
+    # the last scorings are the planner's (checkpointed) state
+    restored = kit.planner_for(cfg, info, examples=np.full(4, 40))
+    restored.load_state_dict(pickle.loads(pickle.dumps(planner.state_dict())))
+    assert restored.plan(1, 7).setting("score") is False and restored.plan(1, 8).setting("score") is True
+    # the default (1): every dispatch scores, nothing kept on the device, the settings as before
+    default = kit.planner_for(cfg_for({"ratios": [0.5]}), info, examples=np.full(4, 40))
+    assert [default.plan(1, v).client for v in range(2)] == [(("keep_ratio", 0.5),)] * 2
+
+
 def test_server_buffers_k_and_takes_the_staleness_weighted_masked_mean():
     info, params = kit.model_info("mlp", {"hidden": list(HIDDEN)})
     server = kit.server_for(cfg_for({"buffer_size": 2, "eta_g": 0.5}), info)
