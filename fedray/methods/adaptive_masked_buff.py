@@ -60,11 +60,11 @@ from fedray.errors import ConfigError
 from fedray.methods.async_common import AsyncParams, AsyncPlanner, AsyncServer
 from fedray.methods.base import Assignment, Method
 from fedray.methods.cahfp import CAHFPClient, scored_submodel
-from fedray.submodel.submodel import Submodel
 from fedray.methods.heterofl import speed_ratios
 from fedray.methods.registry import register
 from fedray.params import NONNEG, POS, UNIT, UNIT_POS, _f
 from fedray.pruning.progressive import Plateau, RoundTimeFifo, allocate_densities, observed_time, recover_on_plateau
+from fedray.submodel.submodel import Submodel
 from fedray.update import Update
 
 __all__ = ["AdaptiveMaskedBuff", "AdaptivePlan", "quantize_up"]
