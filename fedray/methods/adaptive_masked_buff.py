@@ -59,12 +59,11 @@ from fedray.aggregation.staleness import STALENESS
 from fedray.errors import ConfigError
 from fedray.methods.async_common import AsyncParams, AsyncPlanner, AsyncServer
 from fedray.methods.base import Assignment, Method
-from fedray.methods.cahfp import CAHFPClient, scored_submodel
+from fedray.methods.cahfp import CAHFPClient, compact_widths, reused_submodel, scored_submodel
 from fedray.methods.heterofl import speed_ratios
 from fedray.methods.registry import register
 from fedray.params import NONNEG, POS, UNIT, UNIT_POS, _f
 from fedray.pruning.progressive import Plateau, RoundTimeFifo, allocate_densities, observed_time, recover_on_plateau
-from fedray.submodel.submodel import Submodel
 from fedray.update import Update
 
 __all__ = ["AdaptiveMaskedBuff", "AdaptivePlan", "quantize_up"]
@@ -140,10 +139,8 @@ class AdaptivePlanner(AsyncPlanner):
             client += (("score", score), ("keep_set", True))
         sub = self._subs.get((c, r, score))
         if sub is None:
-            sub = scored_submodel(self.ctx, c, r, self.params.score_batches)
-            if not score:  # trains its stored set: no scoring pass, no indices, only its compact model down
-                sub = Submodel(widths=sub.widths, download=self.ctx.model.slice_mask(sub.widths))
-            self._subs[(c, r, score)] = sub
+            sub = self._subs[(c, r, score)] = (scored_submodel(self.ctx, c, r, self.params.score_batches) if score
+                                               else reused_submodel(self.ctx, compact_widths(self.ctx.spec, r)))
         return Assignment(client_id=c, submodel=sub, send="delta", client=client, info=(("keep_ratio", r), ("scored", score)))
 
 

@@ -122,14 +122,24 @@ def scoring_flops(ctx, client_id: int, score_batches: int) -> int:
     return scored_examples(n, ctx.cfg.train.batch_size, score_batches) * ctx.model.train_flops_per_example()
 
 
+def compact_widths(spec, ratio: float) -> dict[str, int]:
+    """The compact widths ``ceil(ratio C_l)`` of every prunable layer (:func:`fedray.models.spec.width_keep`)."""
+    return {layer: len(v) for layer, v in width_keep(spec, ratio).items()}
+
+
 def scored_submodel(ctx, client_id: int, ratio: float, score_batches: int) -> Submodel:
-    """The submodel of a client that scores its channels on every dispatch and keeps ``ratio`` < 1
-    of every prunable layer's (:class:`CAHFPClient`, client scoring): the compact widths
-    ``ceil(ratio C_l)`` (:func:`fedray.models.spec.width_keep`), the kept indices as extra arrays
-    and the scoring pass as ``extra_flops``."""
-    widths = {layer: len(v) for layer, v in width_keep(ctx.spec, ratio).items()}
+    """The submodel of a client that scores its channels on this dispatch and keeps ``ratio`` < 1
+    of every prunable layer's (:class:`CAHFPClient`, client scoring): the compact widths, the kept
+    indices as extra arrays and the scoring pass as ``extra_flops``."""
+    widths = compact_widths(ctx.spec, ratio)
     return Submodel(widths=widths, extras=kept_extras(ctx.spec, widths),
                     extra_flops=scoring_flops(ctx, client_id, score_batches))
+
+
+def reused_submodel(ctx, widths: dict[str, int]) -> Submodel:
+    """The submodel of a client that trains its stored channel set: no scoring pass, no indices,
+    and only its compact model downloaded (a slice of the same sizes: the bytes depend only on them)."""
+    return Submodel(widths=widths, download=ctx.model.slice_mask(widths))
 
 
 @dataclass
@@ -150,8 +160,7 @@ class CAHFPPlanner(Planner):
         else:
             self.ratio = speed_ratios(ctx.profiles.column("speed"), p.ratios).tolist()
         spec = ctx.spec
-        self._widths = {r: {layer: len(v) for layer, v in width_keep(spec, r).items()}
-                        for r in sorted(set(self.ratio)) if r < 1.0}
+        self._widths = {r: compact_widths(spec, r) for r in sorted(set(self.ratio)) if r < 1.0}
         self._subs: dict = {}
         self._sizes = {r: compact_size(spec if r >= 1.0 else ctx.model.compact_spec(self._widths[r]))
                        for r in set(self.ratio)}
@@ -161,15 +170,14 @@ class CAHFPPlanner(Planner):
         key = (r, score, scoring_flops)
         if key not in self._subs:
             spec, widths = self.ctx.spec, self._widths[r]
-            extras, receives = (), ()
-            if score:
-                extras = kept_extras(spec, widths)
-                if self.params.scoring == "server":
-                    extras += tuple(Extra(TERMS + g.layer, shape=(2, g.size)) for g in spec.groups)
-                    receives = tuple(Extra(SCORES + g.layer, shape=(g.size,)) for g in spec.groups)
-            self._subs[key] = Submodel(widths=widths, extras=extras, receives=receives,
-                                       extra_flops=scoring_flops if score else 0,
-                                       download=None if score else self.ctx.model.slice_mask(widths))
+            if not score:
+                self._subs[key] = reused_submodel(self.ctx, widths)
+                return self._subs[key]
+            extras, receives = kept_extras(spec, widths), ()
+            if self.params.scoring == "server":
+                extras += tuple(Extra(TERMS + g.layer, shape=(2, g.size)) for g in spec.groups)
+                receives = tuple(Extra(SCORES + g.layer, shape=(g.size,)) for g in spec.groups)
+            self._subs[key] = Submodel(widths=widths, extras=extras, receives=receives, extra_flops=scoring_flops)
         return self._subs[key]
 
     def plan(self, client_id: int, version: int) -> Assignment:
