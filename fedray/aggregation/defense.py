@@ -162,7 +162,8 @@ class Defense:
                 v = np.asarray(c.values[k])
                 d = v if e.update.kind == "delta" else v - params[k]
                 d = d.reshape(-1) if m.all() else d[m]
-                out[i] += float(np.dot(d, d))  # BLAS, in the model's dtype: a threshold, not a sum
+                with np.errstate(over="ignore"):  # past the dtype's range the move is inf: still above any bound
+                    out[i] += float(np.dot(d, d))  # BLAS, in the model's dtype: a threshold, not a sum
         return np.sqrt(out)
 
     def _stack(self, params, entries, version) -> robust.Stack:

@@ -99,6 +99,19 @@ def test_the_default_guard_rejects_a_scaled_update_and_passes_the_rest_untouched
     assert out[4][2] == pytest.approx(1e5)
 
 
+def test_a_move_past_the_dtypes_range_is_rejected_without_a_warning():
+    """A diverged client (HeteroFL's narrowest slices at lr 0.25) overflows the float32 dot
+    product: its norm is inf, the guard rejects it, and nothing is printed."""
+    import warnings
+
+    d = defense(cfg())
+    es = [entry(i, [0.1 * (i + 1), -0.1, 0.05, 0.0]) for i in range(4)] + [entry(9, [1e20, 1e20, 0, 0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = d.screen(X, es, 0)
+    assert [r for _, r, _ in out] == [None] * 4 + ["norm"] and out[4][2] == math.inf
+
+
 def test_the_guard_judges_the_first_updates_against_the_model_itself():
     d = defense(cfg())
     x = {"w": np.full(4, 0.1, np.float32)}
