@@ -97,3 +97,28 @@ def test_cahfp_variants_are_each_judged_against_heterofl(tmp_path):
            "(10% more)" in text
     assert "cahfp_every5 vs HeteroFL at the same keep ratios: mean final accuracy 0.850 vs 0.800" in text
     assert "-> **reproduced (direction)**; executed training FLOPs vs FedAvg 70.00G vs 100.00G (30% fewer)" in text
+
+
+def test_a_mean_over_a_missed_target_is_a_lower_bound_in_every_time_claim(tmp_path):
+    """Regression: PR-FL's and FedBuff's lines printed the mean of a baseline that missed the target
+    on a seed (its whole budget) as a measured time and speed-up, and a PR-FL that missed the
+    target itself could still be "reproduced"."""
+    def tt(t):
+        return {"final_accuracy": 0.9, "virtual_s": 3000.0, "time_to_target_s": t, "bytes_down": 1.0}
+    for seed in (0, 1):
+        write_run(tmp_path, "prfl_paper", "prfl", seed, tt(1000.0))
+        write_run(tmp_path, "prfl_paper", "fedfix", seed, tt(None))  # never reached: > 3000
+        write_run(tmp_path, "prfl_paper", "fedavg", seed, tt(2000.0 if seed else None))
+        write_run(tmp_path, "prfl_paper_x", "prfl", seed, tt(1000.0 if seed else None))  # PR-FL missed a seed
+        write_run(tmp_path, "prfl_paper_x", "fedasync", seed, tt(2500.0))
+        write_run(tmp_path, "prfl_paper_x", "fedfix", seed, tt(1500.0))
+    text = "\n".join(claims.check(tmp_path))
+    assert "PR-FL vs fedfix: mean time to target 1000.0 vs >3000.0 s (speed-up >3.00x; claim less) -> " \
+           "**reproduced (direction)**" in text
+    assert "PR-FL vs fedavg: mean time to target 1000.0 vs >2500.0 s (speed-up >2.50x" in text
+    assert "PR-FL vs fedasync: mean time to target >2000.0 vs 2500.0 s (speed-up <1.25x; claim 2.5-3.3x less) -> " \
+           "**not measured**" in text  # PR-FL's true mean may be above 2500
+    assert "PR-FL vs fedfix: mean time to target >2000.0 vs 1500.0 s (speed-up <0.75x; claim less) -> " \
+           "**not reproduced**" in text  # already slower at its lower bound
+    assert [claims.less(*x) for x in [(1, True, 2, False), (1, False, 2, True), (2, False, 1, True),
+                                      (2, True, 1, False), (1, False, 2, False)]] == [True, None, False, None, None]
