@@ -122,3 +122,24 @@ def test_a_mean_over_a_missed_target_is_a_lower_bound_in_every_time_claim(tmp_pa
            "**not reproduced**" in text  # already slower at its lower bound
     assert [claims.less(*x) for x in [(1, True, 2, False), (1, False, 2, True), (2, False, 1, True),
                                       (2, True, 1, False), (1, False, 2, False)]] == [True, None, False, None, None]
+
+
+def test_a_variant_of_the_composed_method_is_judged_by_the_method_it_ran(tmp_path):
+    """Regression: the composed method's claim looked for the label ``adaptive_masked_buff`` only,
+    so a labelled variant (``adaptive_every20``) against FedBuff was "incomplete"; an experiment of
+    variants alone has nothing to beat and counts for no setting."""
+    def tt(t):
+        return {"final_accuracy": 0.9, "virtual_s": 600.0, "time_to_target_s": t}
+    every20 = {"name": "adaptive_masked_buff", "score_every": 20}
+    for seed in (3, 4):
+        write_run(tmp_path, "adaptive_heldout", "adaptive_every20", seed, tt(100.0 + seed), method=every20)
+        write_run(tmp_path, "adaptive_heldout", "adaptive_masked_buff", seed, tt(300.0))
+        write_run(tmp_path, "adaptive_heldout", "fedbuff", seed, tt(200.0))
+        write_run(tmp_path, "adaptive_every20", "adaptive_every20", seed, tt(100.0), method=every20)
+    text = "\n".join(claims.check(tmp_path))
+    assert "adaptive_every20: mean time to target by method (s): adaptive_every20 103.5, fedbuff 200.0 -> claim " \
+           "'faster than every seed method and baseline' **reproduced (direction)**" in text
+    assert "adaptive_masked_buff: mean time to target by method (s): fedbuff 200.0, adaptive_masked_buff 300.0 -> " \
+           "claim 'faster than every seed method and baseline' **not reproduced** (fedbuff as fast or faster)" in text
+    assert "### adaptive_every20\n\n(incomplete: no runs of 'another method than the composed one')" in text
+    assert "over its settings" not in text  # one judged setting: adaptive_heldout (its default lost)
