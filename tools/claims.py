@@ -56,8 +56,7 @@ def ttt(s: dict) -> tuple[float, bool]:
 
 
 def fmt_t(s: dict) -> str:
-    t, hit = ttt(s)
-    return f"{t:.1f}" if hit else f">{t:.1f}"
+    return fmt_mean(*ttt(s))
 
 
 def mean_t(runs, lab) -> tuple[float, bool]:
