@@ -153,16 +153,16 @@ class Defense:
     def _norms(params, entries) -> np.ndarray:
         """Each update's L2 move over what it covers (no stacking: the guard alone)."""
         out = np.zeros(len(entries))
-        for i, e in enumerate(entries):
-            c = e.contribution
-            for k in c.mask.keys():
-                if not _float(params[k]):
-                    continue
-                m = np.asarray(c.mask[k])
-                v = np.asarray(c.values[k])
-                d = v if e.update.kind == "delta" else v - params[k]
-                d = d.reshape(-1) if m.all() else d[m]
-                with np.errstate(over="ignore"):  # past the dtype's range the move is inf: still above any bound
+        with np.errstate(over="ignore"):  # past the dtype's range a move is inf: still above any bound
+            for i, e in enumerate(entries):
+                c = e.contribution
+                for k in c.mask.keys():
+                    if not _float(params[k]):
+                        continue
+                    m = np.asarray(c.mask[k])
+                    v = np.asarray(c.values[k])
+                    d = v if e.update.kind == "delta" else v - params[k]
+                    d = d.reshape(-1) if m.all() else d[m]
                     out[i] += float(np.dot(d, d))  # BLAS, in the model's dtype: a threshold, not a sum
         return np.sqrt(out)
 
